@@ -1,0 +1,155 @@
+"""The shard contract, version 1. Consumers (the trainer, `prep validate`, other readers)
+depend on exactly this; change it only with a new SCHEMA_VERSION.
+
+Output directory OUT:
+  OUT/specific/NNNNNN.tar, OUT/general/NNNNNN.tar   WebDataset shards
+  OUT/<domain>/sizes.json                           {"000000.tar": count, ...}
+  OUT/manifest.json                                 schema_version, config, models, counts, shards
+  OUT/dead_letter/*.jsonl                           {"key", "source", "stage", "reason", ...}
+
+Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across runs):
+  KEY.jpg       RGB image
+  KEY.txt       final caption, UTF-8
+  KEY.json      metadata (JSON_FIELDS)
+  KEY.emb.npy   float32 [D], unit norm (all zeros for general)
+  KEY.refs.npy  float32 [K, D], row i == emb of ref_keys[i]
+  KEY.mask.png  (specific only) 8-bit single channel, values {0, 255}, image size
+
+Everything here is plain Python + numpy, so a reader needs nothing from the pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Iterator
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+DEAD_LETTER_DIR = "dead_letter"
+SHARD_DIGITS = 6
+
+EXT_IMAGE = "jpg"
+EXT_TEXT = "txt"
+EXT_JSON = "json"
+EXT_EMB = "emb.npy"
+EXT_REFS = "refs.npy"
+EXT_MASK = "mask.png"
+# Order of members inside a sample (deterministic tar layout).
+MEMBER_ORDER = (EXT_IMAGE, EXT_JSON, EXT_TEXT, EXT_EMB, EXT_REFS, EXT_MASK)
+REQUIRED = {
+    "specific": {EXT_IMAGE, EXT_TEXT, EXT_JSON, EXT_EMB, EXT_REFS, EXT_MASK},
+    "general": {EXT_IMAGE, EXT_TEXT, EXT_JSON, EXT_EMB, EXT_REFS},
+}
+
+JSON_FIELDS = (
+    "key",
+    "domain",
+    "source",
+    "identity",
+    "attributes",
+    "caption_vlm",
+    "caption_attributes",
+    "caption",
+    "width",
+    "height",
+    "ref_keys",
+    "schema_version",
+)
+
+DEAD_LETTER_FIELDS = ("key", "source", "stage", "reason")
+
+# Fixed tar header values: same input + config -> byte-identical shards.
+TAR_MTIME = 0
+TAR_MODE = 0o644
+
+# Reading limits (a shard is data, never code: no pickles, no paths, bounded sizes).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+def shard_name(index: int) -> str:
+    return f"{index:0{SHARD_DIGITS}d}.tar"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """'KEY.emb.npy' -> ('KEY', 'emb.npy'), as webdataset does (split at the first dot)."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class UnsafeMember(ValueError):
+    pass
+
+
+def iter_tar_members(fileobj, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, bytes) of regular members of a tar stream, refusing unsafe ones.
+
+    Raises UnsafeMember for absolute paths, '..' components, links or devices, and for
+    members larger than `max_member_bytes`; raises tarfile.ReadError on a corrupt stream.
+    """
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if name.startswith("/") or ".." in name.split("/"):
+                raise UnsafeMember(f"unsafe member name {name!r}")
+            if info.isdir():
+                continue
+            if not info.isfile():
+                raise UnsafeMember(f"member {name!r} is not a regular file")
+            if info.size > max_member_bytes:
+                raise UnsafeMember(f"member {name!r} is {info.size} bytes (limit {max_member_bytes})")
+            f = tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"member {name!r} truncated: {len(data)} of {info.size} bytes")
+            yield name, data
+
+
+def iter_samples(fileobj) -> Iterator[dict[str, bytes]]:
+    """Group consecutive tar members into samples: {'__key__': key, ext: bytes, ...}."""
+    current: dict = {}
+    for name, data in iter_tar_members(fileobj):
+        key, ext = split_member(name)
+        if current and current["__key__"] != key:
+            yield current
+            current = {}
+        if not current:
+            current = {"__key__": key}
+        if ext in current:
+            raise ValueError(f"duplicate member {name!r}")
+        current[ext] = data
+    if current:
+        yield current
+
+
+def decode_sample(raw: dict[str, bytes]) -> dict:
+    """Decode a raw sample's metadata and arrays (the image and mask stay encoded)."""
+    out = {"__key__": raw["__key__"]}
+    for ext, data in raw.items():
+        if ext == "__key__":
+            continue
+        if ext == EXT_JSON:
+            out[ext] = json.loads(data.decode("utf-8"))
+        elif ext == EXT_TEXT:
+            out[ext] = data.decode("utf-8")
+        elif ext.endswith("npy"):
+            out[ext] = load_npy(data)
+        else:
+            out[ext] = data
+    return out

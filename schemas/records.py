@@ -1,0 +1,158 @@
+"""Typed records that travel between pipeline stages.
+
+One record type, `Sample`, carries one image from ingest to shard. Stages never mutate a
+Sample: they return a copy with their fields filled (`dataclasses.replace`). Images travel
+as the exact encoded bytes that will land in the shard (`image_jpeg`), so every model stage
+sees precisely the pixels a consumer will read back; the mask travels as its PNG bytes for
+the same reason.
+
+Anything that fails becomes a `DeadLetter` carrying the sample key, the stage and a reason a
+person can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+SPECIFIC = "specific"
+GENERAL = "general"
+DOMAINS = (SPECIFIC, GENERAL)
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(prefix: str, *parts: str) -> str:
+    """A stable sample key: `prefix_part1_part2`, only [A-Za-z0-9_-], never a dot.
+
+    Parts are sanitised; when sanitising changed anything, a short hash of the original
+    parts is appended so that two different names can never collide on one key
+    ("a b.jpg" and "a_b.jpg" differ).
+    """
+    raw = "/".join(parts)
+    clean = [_KEY_BAD_CHARS.sub("_", p).strip("_") or "x" for p in parts]
+    key = "_".join([prefix, *clean])
+    if "_".join(clean) != "_".join(parts):
+        key += "_" + hashlib.sha1(raw.encode("utf-8")).hexdigest()[:8]
+    return key
+
+
+def is_valid_key(key: str) -> bool:
+    return bool(_KEY_OK.match(key))
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input found by a source, before its bytes are read: small and cheap to shuffle."""
+
+    key: str
+    source: str  # "celeba", "folder" or "wds"
+    domain: str  # SPECIFIC or GENERAL
+    path: str  # file path or URL (for wds: the tar URL)
+    identity: Optional[str] = None
+    attributes: Optional[dict[str, bool]] = None
+    split: Optional[str] = None  # "train" / "val" / "test" when the source says so
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and everything the stages attach to it."""
+
+    key: str
+    source: str
+    domain: str
+    path: str
+    identity: Optional[str] = None
+    attributes: Optional[dict[str, bool]] = None
+    split: Optional[str] = None
+    # Encoded input as read (dropped after decode), then the validated RGB JPEG for the shard.
+    raw: Optional[bytes] = None
+    image_jpeg: Optional[bytes] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    # Text that came with the input (general-domain alt text), if any.
+    text: Optional[str] = None
+    extra_json: Optional[dict] = None
+    caption_vlm: Optional[str] = None
+    caption_attributes: Optional[str] = None
+    caption: Optional[str] = None
+    mask_png: Optional[bytes] = None
+    mask_fraction: Optional[float] = None
+    embedding: Optional[np.ndarray] = None  # float32 [D]
+    ref_keys: tuple[str, ...] = ()
+    refs: Optional[np.ndarray] = None  # float32 [K, D]
+
+    def with_(self, **changes) -> "Sample":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_item(cls, item: SourceItem, **extra) -> "Sample":
+        return cls(
+            key=item.key,
+            source=item.source,
+            domain=item.domain,
+            path=item.path,
+            identity=item.identity,
+            attributes=item.attributes,
+            split=item.split,
+            **extra,
+        )
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An input that will not reach a shard, and why."""
+
+    key: str
+    source: str
+    stage: str
+    reason: str
+    path: Optional[str] = None
+
+    @classmethod
+    def of(cls, sample: "Sample | SourceItem", stage: str, reason: str) -> "DeadLetter":
+        return cls(key=sample.key, source=sample.source, stage=stage, reason=reason, path=sample.path)
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "source": self.source,
+            "stage": self.stage,
+            "reason": self.reason,
+            "path": self.path,
+        }
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What one written shard holds; collected into sizes.json and the manifest."""
+
+    domain: str
+    name: str  # "000000.tar"
+    count: int
+    sha256: str
+    bytes: int
+    keys_first: str = ""
+    keys_last: str = ""
+
+
+@dataclass
+class SourceReport:
+    """What a source found at launch: counts, quirks and warnings (manifest + summary)."""
+
+    spec: str
+    kind: str
+    items: int = 0
+    warnings: list[str] = field(default_factory=list)
+    missing_on_disk: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
