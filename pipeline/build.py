@@ -1,0 +1,244 @@
+"""The pipeline, composed from the transforms in the paper's order:
+
+  ingest -> unique keys -> decode -> caption -> attribute caption -> mask -> embed -> pair -> write
+                                  \\-> general domain: given text, null embedding ---------> write
+
+`plan_run` does the launcher-side work (enumerate inputs, build/resolve models, handlers);
+`build_pipeline` adds the steps to a Beam pipeline. Tests call both on a TestPipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import apache_beam as beam
+
+import prep
+from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
+from prep.pipeline.fingerprint import fingerprint
+from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
+from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
+from prep.transforms import sources
+from prep.transforms.caption import CaptionHandler, add_attribute_caption
+from prep.transforms.common import DEAD, counter, dead
+from prep.transforms.decode import DecodeImages, DecodeParams
+from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
+from prep.transforms.inference import ModelStage
+from prep.transforms.mask import MaskHandler
+from prep.transforms.pair import PairByIdentity, null_refs
+from prep.transforms.write import WriteShards
+
+
+@dataclass
+class RunPlan:
+    config: RunConfig
+    models: ResolvedModels
+    items: list[SourceItem] = field(default_factory=list)
+    ingest_dead: list[DeadLetter] = field(default_factory=list)
+    wds_urls: list[str] = field(default_factory=list)
+    reports: list[SourceReport] = field(default_factory=list)
+    dim: int = 0
+    caption: Optional[CaptionHandler] = None
+    mask: Optional[MaskHandler] = None
+    embed: Optional[EmbedHandler] = None
+
+    @property
+    def launch_inputs(self) -> int:
+        return len(self.items) + len(self.ingest_dead)
+
+    def manifest_header(self) -> dict:
+        return {
+            "created_by": f"prep {prep.__version__}",
+            "config": self.config.to_json(),
+            "embedding_dim": self.dim,
+            "models": {
+                "caption": {**self.caption.describe(), "fingerprint": fingerprint(self.models.caption_model)},
+                "mask": {**self.mask.describe(), "fingerprint": fingerprint(self.models.mask_model)},
+                "embed": {
+                    **self.embed.describe(),
+                    "fingerprint": fingerprint(self.models.clip_pretrained or self.models.clip_model),
+                },
+            },
+            "sources": [r.to_json() for r in self.reports],
+        }
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Everything decided before the pipeline starts: inputs, models, handlers."""
+    config.validate()
+    models = resolve_models(config)
+    plan = RunPlan(config=config, models=models)
+    seen: dict[str, str] = {}
+    for spec in config.inputs:
+        kind, location = sources.parse_input_spec(spec)
+        if kind == "wds":
+            urls, report = sources.plan_wds(location)
+            plan.wds_urls.extend(u for u in urls if u not in plan.wds_urls)
+        else:
+            planner = sources.plan_celeba if kind == "celeba" else sources.plan_folder
+            items, letters, report = planner(location)
+            plan.ingest_dead.extend(letters)
+            for item in items:
+                if item.key in seen:
+                    plan.ingest_dead.append(
+                        DeadLetter.of(item, "ingest", f"duplicate key: {item.key} is also {seen[item.key]}")
+                    )
+                else:
+                    seen[item.key] = item.path
+                    plan.items.append(item)
+        report.spec = spec
+        plan.reports.append(report)
+    plan.dim = embed_dim(models.clip_model)
+    plan.caption = CaptionHandler(
+        models.caption_model,
+        prompt=config.caption_prompt,
+        max_new_tokens=config.caption_max_new_tokens,
+        num_beams=config.caption_num_beams,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        max_batch_size=config.caption_batch_size,
+    )
+    plan.mask = MaskHandler(
+        models.mask_model,
+        threshold=config.mask_threshold,
+        min_fraction=models.mask_min_fraction,
+        device=config.device,
+        max_batch_size=config.mask_batch_size,
+    )
+    plan.embed = EmbedHandler(
+        models.clip_model,
+        models.clip_pretrained,
+        fill=tuple(config.mask_fill),
+        device=config.device,
+        max_batch_size=config.embed_batch_size,
+    )
+    return plan
+
+
+class _DropDuplicateKeys(beam.DoFn):
+    """Keeps, for a key produced twice (two sources, two tars), the input with the smallest path."""
+
+    def __init__(self):
+        self._dropped = counter("ingest", "duplicate_keys")
+
+    def process(self, sample: Sample, winners):
+        winner = winners.get(sample.key)
+        if winner is not None and sample.path != winner:
+            self._dropped.inc()
+            yield dead(DeadLetter.of(sample, "ingest", f"duplicate key: {sample.key} is also {winner}"))
+        else:
+            yield sample
+
+
+class UniqueKeys(beam.PTransform):
+    """Keys must be unique from ingest to shard; only (key, path) pairs are shuffled to check."""
+
+    def expand(self, samples):
+        winners = (
+            samples
+            | "KeyPath" >> beam.Map(lambda s: (s.key, s.path))
+            | "GroupPaths" >> beam.GroupByKey()
+            | "Repeated" >> beam.FlatMap(lambda kv: [(kv[0], min(kv[1]))] if len(list(kv[1])) > 1 else [])
+        )
+        out = samples | "Drop" >> beam.ParDo(_DropDuplicateKeys(), winners=beam.pvalue.AsDict(winners)).with_outputs(
+            DEAD, main="ok"
+        )
+        return out.ok, out[DEAD]
+
+
+class _FinishGeneral(beam.DoFn):
+    """General domain: the caption is the given text (or the VLM's), the embedding is φ."""
+
+    def __init__(self, dim: int):
+        self._dim = dim
+
+    def process(self, sample: Sample):
+        caption = (sample.caption_vlm if sample.caption_vlm is not None else sample.text or "").strip()
+        if not caption:
+            yield dead(DeadLetter.of(sample, "caption", "no caption: general-domain sample has no text (use --caption-general)"))
+            return
+        yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)
+
+
+def _by_domain(sample: Sample, _n: int) -> int:
+    return 0 if sample.domain == SPECIFIC else 1
+
+
+def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
+    cfg = plan.config
+    out = cfg.out.rstrip("/")
+    letters = []
+
+    # Ingest: small items fan out before the bytes are read.
+    items = p | "ListImages" >> beam.Create(plan.items) | "FanOutImages" >> beam.Reshuffle()
+    images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
+    tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
+    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
+    letters += [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
+    streamed_inputs = (
+        (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
+    )
+    samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
+    samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
+    letters.append(duplicates)
+
+    decode = DecodeParams(
+        max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side
+    )
+    decoded = samples | "Decode" >> beam.ParDo(DecodeImages(decode)).with_outputs(DEAD, main="ok")
+    letters.append(decoded[DEAD])
+    specific, general = decoded.ok | "SplitDomains" >> beam.Partition(_by_domain, 2)
+
+    # Caption (VLM) -> attribute caption. General images are captioned only if asked.
+    if cfg.caption_general:
+        specific = (specific, general) | "ToCaption" >> beam.Flatten()
+    captioned, failed = specific | "Caption" >> ModelStage(plan.caption)
+    letters.append(failed)
+    if cfg.caption_general:
+        specific, general = captioned | "SplitCaptioned" >> beam.Partition(_by_domain, 2)
+    else:
+        specific = captioned
+    specific = specific | "AttributeCaption" >> beam.Map(add_attribute_caption, sep=cfg.caption_join)
+
+    # Mask -> embed the masked object -> pair with same-identity samples.
+    specific, failed = specific | "Mask" >> ModelStage(plan.mask)
+    letters.append(failed)
+    specific, failed = specific | "Embed" >> ModelStage(plan.embed)
+    letters.append(failed)
+    specific = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim)
+
+    general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
+    letters.append(general[DEAD])
+
+    # Write shards, dead letters and the manifest.
+    shard_infos = (
+        specific | "WriteSpecific" >> WriteShards(out, SPECIFIC, cfg.samples_per_shard),
+        general.ok | "WriteGeneral" >> WriteShards(out, GENERAL, cfg.samples_per_shard),
+    ) | "AllShards" >> beam.Flatten()
+    dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
+    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
+    shard_infos | "WriteManifest" >> WriteManifest(
+        out, plan.manifest_header(), plan.launch_inputs, dead_letters, streamed_inputs
+    )
+
+
+def output_exists(out: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
+    return any(
+        FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in ("manifest.json", SPECIFIC, GENERAL, "dead_letter")
+    )
+
+
+def clear_output(out: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    base = out.rstrip("/")
+    paths = [f"{base}/{n}" for n in ("manifest.json", SPECIFIC, GENERAL, "dead_letter")]
+    existing = [p for p in paths if FileSystems.exists(p)]
+    if existing:
+        FileSystems.delete(existing)
+
+
+

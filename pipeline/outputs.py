@@ -1,0 +1,136 @@
+"""The run's bookkeeping outputs: the dead-letter file, sizes.json and the manifest.
+
+The manifest is written by the pipeline itself (last step, from side inputs), so a run on
+Dataflow that the launcher does not wait for still ends with a complete manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import apache_beam as beam
+
+from prep.schemas import contract
+from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
+from prep.transforms.write import write_atomic
+
+
+def reason_class(reason: str) -> str:
+    """'not a decodable image: OSError ...' -> 'not a decodable image' (for counting)."""
+    return reason.split(":", 1)[0].strip()
+
+
+def dead_letter_lines(letters: list[DeadLetter]) -> bytes:
+    ordered = sorted(letters, key=lambda d: (d.key, d.stage, d.reason, d.path or ""))
+    return b"".join(json.dumps(d.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for d in ordered)
+
+
+class _WriteDeadLetters(beam.DoFn):
+    def __init__(self, out_dir: str):
+        self._path = f"{out_dir.rstrip('/')}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
+
+    def process(self, element):
+        _, letters = element
+        write_atomic(self._path, dead_letter_lines(list(letters)))
+        yield self._path
+
+
+class WriteDeadLetters(beam.PTransform):
+    """All dead letters -> OUT/dead_letter/000000.jsonl, sorted by key (deterministic)."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self._out = out_dir
+
+    def expand(self, letters):
+        return (
+            letters
+            | "OneGroup" >> beam.Map(lambda d: (0, d))
+            | "Gather" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteDeadLetters(self._out))
+        )
+
+
+def build_manifest(
+    *,
+    header: dict[str, Any],
+    shards: list[ShardInfo],
+    dead_counts: dict[str, int],
+    launch_inputs: int,
+    streamed_inputs: int,
+) -> dict[str, Any]:
+    shards = sorted(shards, key=lambda s: (s.domain, s.name))
+    specific = sum(s.count for s in shards if s.domain == "specific")
+    general = sum(s.count for s in shards if s.domain == "general")
+    inputs = launch_inputs + streamed_inputs
+    dead = sum(dead_counts.values())
+    manifest = {
+        "schema_version": contract.SCHEMA_VERSION,
+        **header,
+        "counts": {
+            "inputs": inputs,
+            "specific": specific,
+            "general": general,
+            "dead_lettered": dead,
+        },
+        "reconciled": inputs == specific + general + dead,
+        "dead_letter_reasons": dict(sorted(dead_counts.items())),
+        "shards": [
+            {"domain": s.domain, "name": s.name, "count": s.count, "sha256": s.sha256, "bytes": s.bytes}
+            for s in shards
+        ],
+    }
+    return manifest
+
+
+class _WriteManifest(beam.DoFn):
+    def __init__(self, out_dir: str, header: dict, launch_inputs: int):
+        self._out = out_dir.rstrip("/")
+        self._header = header
+        self._launch_inputs = launch_inputs
+
+    def process(self, _, shards, dead_counts, streamed_inputs):
+        shards = list(shards)
+        manifest = build_manifest(
+            header=self._header,
+            shards=shards,
+            dead_counts=dict(dead_counts),
+            launch_inputs=self._launch_inputs,
+            streamed_inputs=streamed_inputs,
+        )
+        for domain in DOMAINS:
+            sizes = {s.name: s.count for s in sorted(shards, key=lambda s: s.name) if s.domain == domain}
+            write_atomic(f"{self._out}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
+        write_atomic(f"{self._out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+        yield manifest
+
+
+class WriteManifest(beam.PTransform):
+    """Shard infos + dead letters + streamed input count -> sizes.json files and manifest.json.
+
+    Dead letters are counted per (stage, reason class) before they meet the manifest writer,
+    so its memory does not grow with the number of rejected inputs.
+    """
+
+    def __init__(self, out_dir: str, header: dict, launch_inputs: int, dead_letters, streamed_inputs):
+        super().__init__()
+        self._out, self._header, self._launch = out_dir, header, launch_inputs
+        self._dead, self._streamed = dead_letters, streamed_inputs
+
+    def expand(self, shard_infos):
+        reasons = (
+            self._dead
+            | "ReasonClass" >> beam.Map(lambda d: f"{d.stage}: {reason_class(d.reason)}")
+            | "CountReasons" >> beam.combiners.Count.PerElement()
+        )
+        return (
+            shard_infos.pipeline
+            | "Once" >> beam.Create([None])
+            | "Write" >> beam.ParDo(
+                _WriteManifest(self._out, self._header, self._launch),
+                shards=beam.pvalue.AsList(shard_infos),
+                dead_counts=beam.pvalue.AsList(reasons),
+                streamed_inputs=beam.pvalue.AsSingleton(self._streamed),
+            )
+        )

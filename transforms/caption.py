@@ -1,0 +1,154 @@
+"""Caption stage: a Hugging Face image-to-text model (BLIP-2, BLIP, ...) via RunInference.
+
+The model is a hub id (downloaded to the Hugging Face cache when there is a network) or a
+local directory saved with `save_pretrained`. Generation is batched; the prompt, if any, is
+fed to every image and its echo removed from the output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from prep.schemas.records import Sample
+from prep.transforms.attributes import attribute_caption, join_captions
+from prep.transforms.decode import load_rgb
+from prep.transforms.inference import ModelUnavailable, Reject, StageHandler, resolve_device
+
+STAGE = "caption"
+_WS = re.compile(r"\s+")
+
+
+def clean_caption(text: str, prompt: Optional[str] = None) -> str:
+    """Strip, collapse whitespace, and drop an echoed prompt at the start."""
+    text = _WS.sub(" ", text or "").strip()
+    if prompt:
+        p = _WS.sub(" ", prompt).strip()
+        if p and text.lower().startswith(p.lower()):
+            text = text[len(p):].strip()
+    return text
+
+
+def _hf_unavailable(model: str, exc: Exception) -> ModelUnavailable:
+    cache = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    if os.path.isdir(model) or model.startswith((".", "/")):
+        how = f"the directory {model!r} must hold a model saved with save_pretrained (config.json, weights, processor files)"
+    else:
+        how = (
+            f"it is a Hugging Face hub id: with a network it downloads to {cache} (set HF_HOME to move it); "
+            f"offline, download it elsewhere (`huggingface-cli download {model}`) and copy the cache, "
+            f"or pass --caption-model /path/to/local/dir"
+        )
+    return ModelUnavailable(f"captioning model {model!r} could not be loaded ({type(exc).__name__}: {exc}); {how}")
+
+
+@dataclass
+class LoadedCaptioner:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
+    processor: Any
+    model: Any
+    device: str
+    dtype: Any
+
+
+class CaptionHandler(StageHandler):
+    """Batched captioning with any `AutoModelForImageTextToText` model."""
+
+    stage = STAGE
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        prompt: Optional[str] = None,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        min_batch_size: int = 1,
+        max_batch_size: int = 8,
+        large_model: bool = False,
+        model_copies: Optional[int] = None,
+    ):
+        super().__init__(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            large_model=large_model,
+            model_copies=model_copies,
+        )
+        self.model_id = model
+        self.prompt = prompt or None
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.device = device
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_id,
+            "prompt": self.prompt,
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "dtype": self.dtype,
+        }
+
+    def load_model(self):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        device = resolve_device(self.device)
+        dtype = self.dtype
+        if dtype == "auto":
+            torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        else:
+            torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(
+                self.model_id, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise _hf_unavailable(self.model_id, exc) from exc
+        model.to(device).eval()
+        return LoadedCaptioner(processor, model, device, torch_dtype)
+
+    def prepare(self, sample: Sample, model):
+        return load_rgb(sample.image_jpeg)
+
+    def infer(self, images: list, model) -> list:
+        import torch
+
+        processor, net, device, torch_dtype = model.processor, model.model, model.device, model.dtype
+        kwargs = {"images": images, "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(images)
+        inputs = processor(**kwargs).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+        with torch.inference_mode():
+            out = net.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
+        texts = processor.batch_decode(out, skip_special_tokens=True)
+        results = []
+        for text in texts:
+            caption = clean_caption(text, self.prompt)
+            results.append(caption if caption else Reject("captioner produced an empty caption"))
+        return results
+
+    def apply(self, sample: Sample, caption: str) -> Sample:
+        return sample.with_(caption_vlm=caption)
+
+
+def add_attribute_caption(sample: Sample, sep: str = ". ") -> Sample:
+    """Attribute-caption step: labels -> text, joined after the VLM caption (both kept).
+
+    Without a VLM caption (general-domain images that were not captioned) the text that came
+    with the image is the base caption.
+    """
+    attr = attribute_caption(sample.attributes) if sample.attributes else None
+    base = sample.caption_vlm if sample.caption_vlm is not None else (sample.text or "")
+    return sample.with_(caption_attributes=attr, caption=join_captions(base, attr, sep))

@@ -1,0 +1,137 @@
+"""Embed stage: open_clip image encoder on the *masked* object, L2-normalised.
+
+The model is an open_clip model name (`ViT-L-14`, ...) or a path to a model-config JSON
+(registered with open_clip on load, so any worker can build it); the weights are a pretrained
+tag (`openai`, `laion2b_s34b_b79k`, ... downloaded by open_clip when there is a network) or a
+local checkpoint file. General-domain samples do not pass here: they get `null_embedding`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from prep.schemas.records import Sample
+from prep.transforms.decode import load_rgb
+from prep.transforms.inference import ModelUnavailable, StageHandler, resolve_device
+from prep.transforms.mask import DEFAULT_FILL, load_mask, masked_image
+
+STAGE = "embed"
+
+
+def register_model(model: str) -> str:
+    """Return the open_clip model name, registering a config JSON path first if given one."""
+    if model.endswith(".json"):
+        import open_clip
+
+        if not os.path.isfile(model):
+            raise ModelUnavailable(f"open_clip model config {model!r} does not exist")
+        open_clip.add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    return model
+
+
+def embed_dim(model: str) -> int:
+    """The embedding width of a model, from its config (no weights are loaded)."""
+    if model.endswith(".json"):
+        with open(model, encoding="utf-8") as f:
+            return int(json.load(f)["embed_dim"])
+    import open_clip
+
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise ModelUnavailable(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+    return int(config["embed_dim"])
+
+
+def null_embedding(dim: int) -> np.ndarray:
+    """φ: the fixed object embedding of general-domain samples (all zeros)."""
+    return np.zeros((dim,), dtype=np.float32)
+
+
+def load_clip(model: str, pretrained: Optional[str], device: str = "cpu", precision: str = "fp32"):
+    """(model, preprocess) in eval mode, with a clear error when the weights are missing."""
+    import open_clip
+
+    name = register_model(model)
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, precision=precision
+        )
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ModelUnavailable(f"unknown open_clip model {model!r}") from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed download surfaces as many exception types
+        cache = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+        raise ModelUnavailable(
+            f"open_clip could not load {name!r} with pretrained={pretrained!r} ({type(exc).__name__}: {exc}). "
+            f"Pretrained tags download to the Hugging Face cache ({cache}; set HF_HOME to move it) and need a "
+            f"network; offline, pass --clip-pretrained /path/to/checkpoint (.safetensors, .bin or .pt)"
+        ) from exc
+    net.eval()
+    return net, preprocess
+
+
+@dataclass
+class LoadedClip:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
+    model: Any
+    preprocess: Any
+    device: str
+
+
+class EmbedHandler(StageHandler):
+    stage = STAGE
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: Optional[str],
+        *,
+        fill: tuple[int, int, int] = DEFAULT_FILL,
+        device: str = "auto",
+        precision: str = "auto",
+        min_batch_size: int = 1,
+        max_batch_size: int = 32,
+    ):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        self.model_id = model
+        self.pretrained = pretrained
+        self.fill = tuple(fill)
+        self.device = device
+        self.precision = precision
+
+    def describe(self) -> dict:
+        return {"model": self.model_id, "pretrained": self.pretrained, "fill": list(self.fill), "precision": self.precision}
+
+    def load_model(self):
+        device = resolve_device(self.device)
+        precision = self.precision
+        if precision == "auto":
+            precision = "fp16" if device.startswith("cuda") else "fp32"
+        net, preprocess = load_clip(self.model_id, self.pretrained, device, precision)
+        return LoadedClip(net, preprocess, device)
+
+    def prepare(self, sample: Sample, model):
+        image = masked_image(load_rgb(sample.image_jpeg), load_mask(sample.mask_png), self.fill)
+        return model.preprocess(image)
+
+    def infer(self, tensors: list, model) -> list:
+        import torch
+
+        net = model.model
+        batch = torch.stack(tensors).to(model.device)
+        dtype = next(net.parameters()).dtype
+        with torch.inference_mode():
+            feats = net.encode_image(batch.to(dtype)).float()
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        return list(feats.cpu().numpy().astype(np.float32))
+
+    def apply(self, sample: Sample, embedding: np.ndarray) -> Sample:
+        if not np.all(np.isfinite(embedding)):
+            raise ValueError("embedding has non-finite values")
+        return sample.with_(embedding=np.ascontiguousarray(embedding, dtype=np.float32))

@@ -1,0 +1,166 @@
+"""The shape every model stage shares: a Beam `ModelHandler` over `Sample`s, applied with
+`RunInference`, whose failures become dead letters instead of crashing the job.
+
+A stage subclasses `StageHandler` and writes four small methods:
+  load_model()              heavy: called once per worker process by RunInference
+  prepare(sample, model)    per element: decode, resize, normalise (runs inside the batch)
+  infer(prepared, model)    per batch: one model call, returns one result per element
+  apply(sample, result)     per element: the Sample with the stage's fields filled
+
+`run_inference` isolates failures: if a whole batch fails, each element is retried alone, so
+one bad element costs only itself; an element whose prepare/infer fails, or for which infer
+returns a `Reject`, leaves the stage as a DeadLetter with the stage name and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Generic, Iterable, Optional, Sequence, TypeVar
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from prep.schemas.records import DeadLetter, Sample
+from prep.transforms.common import DEAD, counter, dead
+
+ModelT = TypeVar("ModelT")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A per-element outcome meaning "this element does not pass this stage"."""
+
+    reason: str
+
+
+class ModelUnavailable(RuntimeError):
+    """A model could not be found or loaded; the message says how to provide it."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+    return device
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
+    stage = "stage"
+
+    def __init__(
+        self,
+        *,
+        min_batch_size: int = 1,
+        max_batch_size: int = 8,
+        large_model: bool = False,
+        model_copies: Optional[int] = None,
+    ):
+        super().__init__(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            large_model=large_model,
+            model_copies=model_copies,
+        )
+        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+
+    # -- what a stage writes -------------------------------------------------------------
+    def load_model(self) -> ModelT:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare(self, sample: Sample, model: ModelT) -> Any:
+        return sample
+
+    def infer(self, prepared: list, model: ModelT) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, sample: Sample, result: Any) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Model id and parameters, for the manifest."""
+        return {}
+
+    # -- Beam plumbing -------------------------------------------------------------------
+    def batch_elements_kwargs(self):
+        return self._batch_kwargs
+
+    def get_metrics_namespace(self) -> str:
+        return f"prep.{self.stage}"
+
+    def run_inference(
+        self, batch: Sequence[Sample], model: ModelT, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        results: list[Any] = [None] * len(batch)
+        ready: list[tuple[int, Any]] = []
+        for i, sample in enumerate(batch):
+            try:
+                ready.append((i, self.prepare(sample, model)))
+            except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
+                results[i] = Reject(f"preprocessing failed: {_describe(exc)}")
+        if ready:
+            try:
+                outputs = self.infer([p for _, p in ready], model)
+                if len(outputs) != len(ready):
+                    raise RuntimeError(f"{self.stage}: {len(outputs)} outputs for {len(ready)} inputs")
+                for (i, _), out in zip(ready, outputs):
+                    results[i] = out
+            except Exception as batch_exc:  # noqa: BLE001 - isolate: retry each element alone
+                if len(ready) > 1:
+                    log.warning("%s: batch of %d failed (%s); retrying one by one",
+                                self.stage, len(ready), _describe(batch_exc))
+                for i, prepared in ready:
+                    try:
+                        results[i] = self.infer([prepared], model)[0]
+                    except Exception as exc:  # noqa: BLE001
+                        results[i] = Reject(f"inference failed: {_describe(exc)}")
+        return [PredictionResult(example=s, inference=r) for s, r in zip(batch, results)]
+
+
+class _ApplyResults(beam.DoFn):
+    def __init__(self, handler: StageHandler):
+        self._handler = handler
+        self._ok = counter(handler.stage, "ok")
+        self._rejected = counter(handler.stage, "dead_lettered")
+
+    def process(self, result: PredictionResult):
+        sample: Sample = result.example
+        outcome = result.inference
+        if isinstance(outcome, Reject):
+            self._rejected.inc()
+            yield dead(DeadLetter.of(sample, self._handler.stage, outcome.reason))
+            return
+        try:
+            updated = self._handler.apply(sample, outcome)
+        except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
+            self._rejected.inc()
+            yield dead(DeadLetter.of(sample, self._handler.stage, f"postprocessing failed: {_describe(exc)}"))
+            return
+        self._ok.inc()
+        yield updated
+
+
+class ModelStage(beam.PTransform):
+    """Samples -> (samples that passed, dead letters), running `handler` via RunInference."""
+
+    def __init__(self, handler: StageHandler, label: Optional[str] = None):
+        super().__init__(label)
+        self._handler = handler
+
+    def expand(self, samples):
+        inferred = samples | "RunInference" >> RunInference(self._handler)
+        outputs = inferred | "Apply" >> beam.ParDo(_ApplyResults(self._handler)).with_outputs(DEAD, main="ok")
+        return outputs.ok, outputs[DEAD]
+
