@@ -93,6 +93,9 @@ def build_tiny_captioner(out_dir: Path, seed: int = 0) -> None:
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
     )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     sep = vocab["[SEP]"]
     config = BlipConfig(
         text_config=dict(

@@ -40,14 +40,15 @@ def read_manifest(out: str) -> dict:
 
 
 def run(config: RunConfig, beam_args: Optional[Sequence[str]] = None, *, wait: bool = True) -> Optional[dict]:
-    """Plan, check the output folder, build and run the pipeline; return the manifest."""
+    """Check the output folder, plan, build and run the pipeline; return the manifest."""
+    config.validate()
+    exists = output_exists(config.out)
+    if exists and not config.overwrite:
+        raise OutputExists(
+            f"{config.out} already holds output (manifest, shards or dead letters); pass --overwrite to replace it"
+        )
     plan = plan_run(config)
-    if output_exists(config.out):
-        if not config.overwrite:
-            raise OutputExists(
-                f"{config.out} already holds output (manifest, shards or dead letters); "
-                "pass --overwrite to replace it"
-            )
+    if exists:
         clear_output(config.out)
     for report in plan.reports:
         for warning in report.warnings:

@@ -10,6 +10,13 @@ A stage subclasses `StageHandler` and writes four small methods:
 `run_inference` isolates failures: if a whole batch fails, each element is retried alone, so
 one bad element costs only itself; an element whose prepare/infer fails, or for which infer
 returns a `Reject`, leaves the stage as a DeadLetter with the stage name and the reason.
+
+Determinism: a model's output for one element can depend on the batch's size (the matmul
+kernels block differently; ViT-B-32 on CPU differs by ~1e-7), and Beam forms batches
+differently on every run. Stages with `pad_batches` therefore always call the model with
+exactly `max_batch_size` elements (the tail padded with copies of the last one, whose
+outputs are dropped): measured, a row's output is then bit-identical whatever its
+companions and position, so reruns write byte-identical shards.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ def _describe(exc: BaseException) -> str:
 
 class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     stage = "stage"
+    pad_batches = True  # see the module docstring; stages whose model runs per image turn it off
 
     def __init__(
         self,
@@ -75,6 +83,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
             model_copies=model_copies,
         )
         self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+        self.max_batch_size = max_batch_size
 
     # -- what a stage writes -------------------------------------------------------------
     def load_model(self) -> ModelT:  # pragma: no cover - abstract
@@ -92,6 +101,16 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     def describe(self) -> dict:
         """Model id and parameters, for the manifest."""
         return {}
+
+    def _infer_fixed(self, prepared: list, model: ModelT) -> list:
+        """`infer`, padded to max_batch_size when `pad_batches` (outputs of the padding dropped)."""
+        n = len(prepared)
+        if self.pad_batches and 0 < n < self.max_batch_size:
+            prepared = list(prepared) + [prepared[-1]] * (self.max_batch_size - n)
+        outputs = self.infer(prepared, model)
+        if len(outputs) != len(prepared):
+            raise RuntimeError(f"{self.stage}: {len(outputs)} outputs for {len(prepared)} inputs")
+        return list(outputs)[:n]
 
     # -- Beam plumbing -------------------------------------------------------------------
     def batch_elements_kwargs(self):
@@ -112,9 +131,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                 results[i] = Reject(f"preprocessing failed: {_describe(exc)}")
         if ready:
             try:
-                outputs = self.infer([p for _, p in ready], model)
-                if len(outputs) != len(ready):
-                    raise RuntimeError(f"{self.stage}: {len(outputs)} outputs for {len(ready)} inputs")
+                outputs = self._infer_fixed([p for _, p in ready], model)
                 for (i, _), out in zip(ready, outputs):
                     results[i] = out
             except Exception as batch_exc:  # noqa: BLE001 - isolate: retry each element alone
@@ -123,7 +140,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                                 self.stage, len(ready), _describe(batch_exc))
                 for i, prepared in ready:
                     try:
-                        results[i] = self.infer([prepared], model)[0]
+                        results[i] = self._infer_fixed([prepared], model)[0]
                     except Exception as exc:  # noqa: BLE001
                         results[i] = Reject(f"inference failed: {_describe(exc)}")
         return [PredictionResult(example=s, inference=r) for s, r in zip(batch, results)]

@@ -103,6 +103,7 @@ class MaskHandler(StageHandler):
     """rembg segmentation, binarised; rejects images whose foreground is below a floor."""
 
     stage = STAGE
+    pad_batches = False  # rembg runs one image at a time: nothing to pad
 
     def __init__(
         self,
