@@ -62,11 +62,9 @@ def load_clip(model: str, pretrained: Optional[str], device: str = "cpu", precis
         net, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, precision=precision
         )
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ModelUnavailable(f"unknown open_clip model {model!r}") from exc
-        raise
     except Exception as exc:  # noqa: BLE001 - a failed download surfaces as many exception types
+        if "Unknown model" in str(exc):
+            raise ModelUnavailable(f"unknown open_clip model {model!r}; see open_clip.list_models()") from exc
         cache = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
         raise ModelUnavailable(
             f"open_clip could not load {name!r} with pretrained={pretrained!r} ({type(exc).__name__}: {exc}). "

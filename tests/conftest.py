@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models, demo data and one pipeline run, built once per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# rembg links custom ONNX models into its home folder: keep the tests' links out of ~.
+os.environ.setdefault("REMBG_HOME", tempfile.mkdtemp(prefix="prep-rembg-"))
+os.environ.pop("U2NET_HOME", None)
+# No hub is reachable here: fail hub look-ups at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CELEBA_SHARED = SHARED / "data" / "celeba"
+U2NETP = SHARED / "models" / "u2netp.onnx"
+
+
+def fn_api_runner():
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_cache):
+    from prep.models.tiny import ensure_tiny_models
+
+    return ensure_tiny_models(tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict:
+    from prep.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    return write_demo_data(
+        str(root), identities=6, images_per_identity=4, general_shards=2, general_per_shard=4, seed=1, corrupt=1
+    )
+
+
+def demo_config(demo: dict, out: str, tiny_cache: str, **overrides):
+    from prep.pipeline.config import RunConfig
+
+    values = dict(
+        inputs=[f"celeba:{demo['celeba_dir']}", f"wds:{demo['general_pattern']}"],
+        out=out,
+        preset="tiny",
+        model_cache=tiny_cache,
+        samples_per_shard=7,
+        refs_per_sample=2,
+        embed_batch_size=4,
+        caption_batch_size=4,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(demo, tiny, tiny_cache, tmp_path_factory) -> dict:
+    """One full `run()` on the demo data with the tiny preset, shared by the pipeline tests."""
+    from prep.pipeline.run import run
+
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    config = demo_config(demo, out, tiny_cache)
+    manifest = run(config, [])
+    return {"out": out, "manifest": manifest, "config": config}

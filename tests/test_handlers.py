@@ -1,0 +1,209 @@
+"""Level 1: each model stage's handler on a tiny model, called the way RunInference calls it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prep.schemas.records import Sample
+from prep.transforms.caption import CaptionHandler, clean_caption
+from prep.transforms.decode import decode_image, load_rgb
+from prep.transforms.embed import EmbedHandler, embed_dim, load_clip, null_embedding
+from prep.transforms.inference import ModelUnavailable, Reject, resolve_device
+from prep.transforms.mask import MaskHandler, binarize, load_mask, mask_png, masked_image
+
+
+def _jpeg(seed: int, size=(48, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    arr[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = (200, 60, 40)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92)
+    jpeg, _, _ = decode_image(buf.getvalue())
+    return jpeg
+
+
+def _sample(i: int, **kw) -> Sample:
+    jpeg = _jpeg(i)
+    w, h = Image.open(io.BytesIO(jpeg)).size
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    defaults = dict(key=f"k{i}", source="test", domain="specific", path=f"/x/{i}.jpg", identity="1",
+                    image_jpeg=jpeg, width=w, height=h, mask_png=mask_png(mask))
+    defaults.update(kw)
+    return Sample(**defaults)
+
+
+# -- device ------------------------------------------------------------------------------
+
+def test_device_auto_falls_back_to_cpu_without_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+
+
+# -- caption -----------------------------------------------------------------------------
+
+def test_clean_caption_strips_whitespace_and_prompt_echo():
+    assert clean_caption("  a   photo\nof a dog ") == "a photo of a dog"
+    assert clean_caption("A photo of a dog wearing a hat", prompt="a photo of") == "a dog wearing a hat"
+    assert clean_caption("a dog", prompt="a photo of") == "a dog"
+
+
+def test_caption_handler_matches_direct_generate(tiny):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=8, device="cpu", max_batch_size=4)
+    model = handler.load_model()
+    samples = [_sample(i) for i in range(3)]
+    results = list(handler.run_inference(samples, model))
+    assert [r.example.key for r in results] == ["k0", "k1", "k2"]
+    captions = [r.inference for r in results]
+    assert all(isinstance(c, str) and c for c in captions)
+
+    processor = AutoProcessor.from_pretrained(tiny.captioner)
+    net = AutoModelForImageTextToText.from_pretrained(tiny.captioner).eval()
+    images = [load_rgb(s.image_jpeg) for s in samples] + [load_rgb(samples[-1].image_jpeg)]  # padded to 4
+    with torch.inference_mode():
+        out = net.generate(**processor(images=images, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    expected = [clean_caption(t) for t in processor.batch_decode(out, skip_special_tokens=True)][:3]
+    assert captions == expected
+    assert handler.apply(samples[0], captions[0]).caption_vlm == captions[0]
+
+
+def test_caption_batch_with_one_bad_element_keeps_the_others(tiny):
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4)
+    model = handler.load_model()
+    good = [_sample(i) for i in range(3)]
+    bad = _sample(9, image_jpeg=b"\xff\xd8\xff\xe0 not really a jpeg")
+    results = list(handler.run_inference([good[0], bad, good[1], good[2]], model))
+    assert isinstance(results[1].inference, Reject)
+    assert "preprocessing failed" in results[1].inference.reason
+    alone = list(handler.run_inference(good, model))
+    assert [r.inference for r in (results[0], results[2], results[3])] == [r.inference for r in alone]
+
+
+def test_caption_batch_failure_is_retried_per_element(tiny, monkeypatch):
+    """If the model call fails for the batch, each element is retried alone; only the culprit is lost."""
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4)
+    model = handler.load_model()
+    samples = [_sample(i) for i in range(3)]
+    poisoned = load_rgb(samples[1].image_jpeg).size
+    real_infer = CaptionHandler.infer
+
+    def flaky(self, images, m):
+        if any(img.size == poisoned and img.tobytes() == load_rgb(samples[1].image_jpeg).tobytes() for img in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_infer(self, images, m)
+
+    monkeypatch.setattr(CaptionHandler, "infer", flaky)
+    results = list(handler.run_inference(samples, model))
+    assert isinstance(results[1].inference, Reject) and "simulated" in results[1].inference.reason
+    assert isinstance(results[0].inference, str) and isinstance(results[2].inference, str)
+
+
+def test_missing_caption_model_gives_a_clear_error(tmp_path):
+    handler = CaptionHandler(str(tmp_path / "no-such-model"), device="cpu")
+    with pytest.raises(ModelUnavailable, match="could not be loaded.*save_pretrained"):
+        handler.load_model()
+    hub = CaptionHandler("nobody-xyz/not-a-model-prep-test", device="cpu")
+    with pytest.raises(ModelUnavailable, match="HF_HOME"):
+        hub.load_model()
+
+
+# -- mask --------------------------------------------------------------------------------
+
+def test_binarize_only_0_and_255_at_threshold():
+    soft = np.array([[0, 127, 128, 255]], np.uint8)
+    assert binarize(soft, 0.5).tolist() == [[0, 0, 255, 255]]
+    assert binarize(soft, 0.9).tolist() == [[0, 0, 0, 255]]
+
+
+def test_mask_handler_binary_mask_at_image_size(tiny):
+    handler = MaskHandler(tiny.mask_onnx, device="cpu")
+    session = handler.load_model()
+    samples = [_sample(i) for i in range(3)]
+    results = list(handler.run_inference(samples, session))
+    for sample, result in zip(samples, results):
+        png, fraction = result.inference
+        mask = load_mask(png)
+        assert mask.mode == "L" and mask.size == (sample.width, sample.height)
+        values = set(np.unique(np.asarray(mask)).tolist())
+        assert values <= {0, 255}
+        assert fraction == pytest.approx(np.count_nonzero(np.asarray(mask)) / (sample.width * sample.height))
+
+
+def test_mask_floor_rejects_with_reason(tiny):
+    handler = MaskHandler(tiny.mask_onnx, device="cpu", min_fraction=0.9999)
+    results = list(handler.run_inference([_sample(1)], handler.load_model()))
+    assert isinstance(results[0].inference, Reject)
+    assert "below the floor" in results[0].inference.reason
+
+
+def test_missing_mask_model_gives_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        MaskHandler(str(tmp_path / "nope.onnx")).load_model()
+
+
+def test_masked_image_keeps_object_and_fills_background():
+    img = Image.new("RGB", (4, 2), (10, 20, 30))
+    mask = Image.fromarray(np.array([[255, 0, 0, 255], [0, 0, 255, 0]], np.uint8), "L")
+    out = np.asarray(masked_image(img, mask, (255, 0, 255)))
+    assert out[0, 0].tolist() == [10, 20, 30] and out[1, 2].tolist() == [10, 20, 30]
+    assert out[0, 1].tolist() == [255, 0, 255] and out[1, 0].tolist() == [255, 0, 255]
+
+
+# -- embed -------------------------------------------------------------------------------
+
+def test_embed_handler_equals_open_clip_on_masked_image(tiny):
+    import torch
+
+    handler = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", max_batch_size=4)
+    loaded = handler.load_model()
+    samples = [_sample(i) for i in range(3)]
+    embs = [r.inference for r in handler.run_inference(samples, loaded)]
+    net, preprocess = load_clip(tiny.clip_config, tiny.clip_weights)
+    for sample, emb in zip(samples, embs):
+        assert emb.dtype == np.float32 and emb.shape == (embed_dim(tiny.clip_config),)
+        assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+        x = preprocess(masked_image(load_rgb(sample.image_jpeg), load_mask(sample.mask_png))).unsqueeze(0)
+        with torch.inference_mode():
+            ref = torch.nn.functional.normalize(net.encode_image(x), dim=-1)[0].numpy()
+        np.testing.assert_allclose(emb, ref, atol=1e-5)
+    # The background matters only through the mask: a different fill changes the embedding.
+    other = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", fill=(0, 0, 0), max_batch_size=4)
+    assert not np.allclose(list(other.run_inference(samples[:1], other.load_model()))[0].inference, embs[0])
+
+
+def test_embedding_independent_of_batch_companions(tiny):
+    """Padded fixed-size batches: an element's embedding is bit-identical in any batch."""
+    handler = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", max_batch_size=4)
+    loaded = handler.load_model()
+    a = [_sample(i) for i in range(4)]
+    alone = list(handler.run_inference(a[:1], loaded))[0].inference
+    in_batch = list(handler.run_inference([a[3], a[2], a[0]], loaded))[2].inference
+    assert np.array_equal(alone, in_batch)
+
+
+def test_embed_dim_and_null_embedding(tiny):
+    assert embed_dim(tiny.clip_config) == 32
+    assert embed_dim("ViT-B-32") == 512 and embed_dim("ViT-L-14") == 768
+    phi = null_embedding(32)
+    assert phi.dtype == np.float32 and phi.shape == (32,) and not phi.any()
+
+
+def test_missing_clip_weights_give_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ModelUnavailable, match="--clip-pretrained"):
+        load_clip(tiny.clip_config, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelUnavailable, match="unknown open_clip model"):
+        embed_dim("ViT-Nonexistent-99")
