@@ -97,13 +97,27 @@ class UnsafeMember(ValueError):
     pass
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Records which header error ended the archive: tarfile stops silently at a cut between
+    members or at a garbage header, just as it does at the real end-of-archive marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar._prep_end = exc
+            raise
+
+
 def iter_tar_members(fileobj, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
     """Yield (name, bytes) of regular members of a tar stream, refusing unsafe ones.
 
     Raises UnsafeMember for absolute paths, '..' components, links or devices, and for
-    members larger than `max_member_bytes`; raises tarfile.ReadError on a corrupt stream.
+    members larger than `max_member_bytes`; raises tarfile.ReadError on a corrupt stream,
+    including one that is cut between members (no end-of-archive marker).
     """
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
         for info in tar:
             name = info.name
             if name.startswith("/") or ".." in name.split("/"):
@@ -119,6 +133,10 @@ def iter_tar_members(fileobj, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> It
             if len(data) != info.size:
                 raise tarfile.ReadError(f"member {name!r} truncated: {len(data)} of {info.size} bytes")
             yield name, data
+        end = getattr(tar, "_prep_end", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            why = "the data stops" if end is None or isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)) else "a corrupt header"
+            raise tarfile.ReadError(f"tar ends without an end-of-archive marker ({why}): truncated or corrupt")
 
 
 def iter_samples(fileobj) -> Iterator[dict[str, bytes]]:

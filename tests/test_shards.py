@@ -102,3 +102,22 @@ def test_reader_bounds_member_size():
     big = _tar_with([("k.jpg", b"x" * 1000)])
     with pytest.raises(contract.UnsafeMember, match="limit"):
         list(contract.iter_tar_members(io.BytesIO(big), max_member_bytes=100))
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "inside_header", "after_last_member"])
+def test_reader_detects_a_tar_cut_anywhere(cut):
+    data = _tar_with([("a.jpg", b"x" * 700), ("a.txt", b"y" * 700), ("b.jpg", b"z" * 700)])
+    block = 512 + 1024  # header + data padded to 512
+    end = {"member_boundary": 2 * block, "inside_header": 2 * block + 100, "after_last_member": 3 * block}[cut]
+    names = []
+    with pytest.raises(tarfile.ReadError, match="end-of-archive"):
+        for name, _ in contract.iter_tar_members(io.BytesIO(data[:end])):
+            names.append(name)
+    assert names == ["a.jpg", "a.txt", "b.jpg"][: 3 if cut == "after_last_member" else 2]
+
+
+def test_reader_detects_a_garbage_header():
+    data = bytearray(_tar_with([("a.jpg", b"x" * 700), ("b.jpg", b"z" * 700)]))
+    data[1536:2048] = b"\x01" * 512
+    with pytest.raises(tarfile.ReadError, match="corrupt header"):
+        list(contract.iter_tar_members(io.BytesIO(bytes(data))))
