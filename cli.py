@@ -73,6 +73,9 @@ def run_cmd(
     samples_per_shard: int = typer.Option(1000),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
     caption_batch_size: int = typer.Option(8),
+    caption_model_copies: Optional[int] = typer.Option(
+        None, help="load the captioner once per worker machine, this many copies shared by all its processes "
+        "(Beam's large-model mode, for BLIP-2-sized models)"),
     mask_batch_size: int = typer.Option(8),
     embed_batch_size: int = typer.Option(32),
     trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
@@ -93,7 +96,7 @@ def run_cmd(
         trust_remote_code=trust_remote_code, max_side=max_side, min_side=min_side, max_aspect=max_aspect,
         mask_threshold=mask_threshold, mask_min_fraction=mask_min_fraction, mask_fill=_parse_fill(mask_fill),
         refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, device=device,
-        caption_batch_size=caption_batch_size, mask_batch_size=mask_batch_size,
+        caption_batch_size=caption_batch_size, caption_model_copies=caption_model_copies, mask_batch_size=mask_batch_size,
         embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache,
     )
     try:

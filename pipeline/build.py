@@ -16,7 +16,7 @@ import apache_beam as beam
 
 import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
-from prep.pipeline.fingerprint import fingerprint
+from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
 from prep.transforms import sources
@@ -53,11 +53,11 @@ class RunPlan:
             "config": self.config.to_json(),
             "embedding_dim": self.dim,
             "models": {
-                "caption": {**self.caption.describe(), "fingerprint": fingerprint(self.models.caption_model)},
-                "mask": {**self.mask.describe(), "fingerprint": fingerprint(self.models.mask_model)},
+                "caption": {**self.caption.describe(), "fingerprint": fingerprint_caption(self.models.caption_model)},
+                "mask": {**self.mask.describe(), "fingerprint": fingerprint_mask(self.models.mask_model)},
                 "embed": {
                     **self.embed.describe(),
-                    "fingerprint": fingerprint(self.models.clip_pretrained or self.models.clip_model),
+                    "fingerprint": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
                 },
             },
             "sources": [r.to_json() for r in self.reports],
@@ -98,6 +98,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         device=config.device,
         trust_remote_code=config.trust_remote_code,
         max_batch_size=config.caption_batch_size,
+        large_model=config.caption_model_copies is not None,
+        model_copies=config.caption_model_copies,
     )
     plan.mask = MaskHandler(
         models.mask_model,

@@ -66,6 +66,7 @@ class RunConfig:
     # Execution.
     device: str = "auto"
     caption_batch_size: int = 8
+    caption_model_copies: Optional[int] = None  # one copy shared by all processes of a worker
     mask_batch_size: int = 8
     embed_batch_size: int = 32
     overwrite: bool = False
@@ -95,6 +96,8 @@ class RunConfig:
         for name in ("caption_batch_size", "mask_batch_size", "embed_batch_size", "caption_max_new_tokens", "caption_num_beams"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.caption_model_copies is not None and self.caption_model_copies < 1:
+            problems.append("--caption-model-copies must be >= 1")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             problems.append("--device must be auto, cpu or cuda[:N]")
         if problems:

@@ -1,4 +1,10 @@
-"""Content fingerprints of model weights, for the manifest: which model made these shards."""
+"""Content fingerprints of model weights, for the manifest: which model made these shards.
+
+A local file or directory is hashed directly. A hub id, an open_clip pretrained tag or a rembg
+model name is looked up in its library's local cache (nothing is downloaded here); when it is
+cached, the cached files are hashed, otherwise the manifest says the weights were not on the
+launcher and records only the id.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,13 @@ from typing import Optional
 _CHUNK = 1 << 20
 
 
-def fingerprint(model: Optional[str]) -> dict:
-    """{"path", "sha256"} for a local file or directory (all files, sorted by relative path);
-    {"id", "sha256": None} for a hub id or model name, resolved by its library at load time."""
-    if not model:
-        return {"id": None, "sha256": None}
-    path = os.path.expanduser(model)
-    if not os.path.exists(path):
-        return {"id": model, "sha256": None}
+def hash_path(path: str) -> str:
+    """sha256 of a file's bytes, or of a directory's files (relative names + bytes, sorted)."""
     digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-    )
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
     for file in files:
         if file != path:  # a directory: names matter too; a single file: content only
             digest.update(os.path.relpath(file, path).encode("utf-8") + b"\0")
@@ -28,4 +29,65 @@ def fingerprint(model: Optional[str]) -> dict:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         digest.update(b"\0")
-    return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def _local(path: Optional[str]) -> Optional[str]:
+    if path and os.path.exists(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return None
+
+
+def _not_cached(model_id: str) -> dict:
+    return {"id": model_id, "sha256": None, "note": "not in the launcher's local cache; resolved by the workers at load"}
+
+
+def fingerprint_caption(model: str, cache_dir: Optional[str] = None) -> dict:
+    path = _local(model)
+    if path:
+        return {"path": path, "sha256": hash_path(path)}
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(model, local_files_only=True, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 - not cached (or not a hub id): say so in the manifest
+        return _not_cached(model)
+    return {"id": model, "revision": os.path.basename(snapshot), "sha256": hash_path(snapshot)}
+
+
+def fingerprint_clip(model: str, pretrained: Optional[str]) -> dict:
+    path = _local(pretrained)
+    if path:
+        return {"path": path, "sha256": hash_path(path)}
+    if not pretrained:
+        return {"id": model, "pretrained": None, "sha256": None, "note": "random initialisation"}
+    try:
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = open_clip.get_pretrained_cfg(os.path.splitext(os.path.basename(model))[0], pretrained)
+        repo = (cfg.get("hf_hub") or "").strip("/")
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            cached = try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(cached, str) and os.path.isfile(cached):
+                return {"id": f"{model}/{pretrained}", "file": cached, "sha256": hash_path(cached)}
+    except Exception:  # noqa: BLE001
+        pass
+    return _not_cached(f"{model}/{pretrained}")
+
+
+def fingerprint_mask(model: str) -> dict:
+    path = _local(model)
+    if path:
+        return {"path": path, "sha256": hash_path(path)}
+    try:
+        from rembg.sessions import sessions_class
+
+        for cls in sessions_class:
+            if cls.name() == model:
+                found = cls.resolve_existing(f"{model}.onnx")
+                if found:
+                    return {"id": model, "file": found, "sha256": hash_path(found)}
+    except Exception:  # noqa: BLE001
+        pass
+    return _not_cached(model)
