@@ -67,7 +67,7 @@ class CaptionHandler(StageHandler):
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
-        min_batch_size: int = 1,
+        min_batch_size: Optional[int] = None,
         max_batch_size: int = 8,
         large_model: bool = False,
         model_copies: Optional[int] = None,

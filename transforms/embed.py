@@ -93,7 +93,7 @@ class EmbedHandler(StageHandler):
         fill: tuple[int, int, int] = DEFAULT_FILL,
         device: str = "auto",
         precision: str = "auto",
-        min_batch_size: int = 1,
+        min_batch_size: Optional[int] = None,
         max_batch_size: int = 32,
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)

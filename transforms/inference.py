@@ -71,11 +71,16 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     def __init__(
         self,
         *,
-        min_batch_size: int = 1,
+        min_batch_size: Optional[int] = None,
         max_batch_size: int = 8,
         large_model: bool = False,
         model_copies: Optional[int] = None,
     ):
+        # Padded stages pay for a full batch anyway: ask BatchElements for full batches from
+        # the start instead of its adaptive ramp from 1.
+        if min_batch_size is None:
+            min_batch_size = max_batch_size if self.pad_batches else 1
+        min_batch_size = min(min_batch_size, max_batch_size)
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,

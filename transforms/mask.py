@@ -112,7 +112,7 @@ class MaskHandler(StageHandler):
         threshold: float = 0.5,
         min_fraction: float = 0.0,
         device: str = "auto",
-        min_batch_size: int = 1,
+        min_batch_size: Optional[int] = None,
         max_batch_size: int = 8,
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)

@@ -1,0 +1,224 @@
+"""Stage benchmark: does the pipeline slow the models down?
+
+For each model stage (caption, mask, embed), on the same images, with the same model and the
+same batch size, in one process:
+  (a) plain:    a plain batched loop that decodes, preprocesses and calls the model directly;
+  (b) pipeline: the stage as the pipeline runs it (ModelStage = RunInference + dead-letter
+                routing) on Beam's in-memory runner, fed the same Samples.
+Model loading is excluded from both (timed separately and subtracted for the pipeline).
+Prints one JSON line per stage:
+  {"stage", "model", "batch", "images", "plain_ips", "pipeline_ips", "ratio", ...}
+
+    python -m bench.stages                     # offline models, ~1-2 min on 2 CPU cores
+    python -m bench.stages --real --device cuda --images 2048   # the paper's real models on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_U2NETP = Path(__file__).resolve().parents[2] / "shared" / "models" / "u2netp.onnx"
+
+
+def build_small_blip(directory: str) -> str:
+    """A BLIP captioner of realistic shape but small width (224 px input), random weights."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers.utils import logging as hf_logging
+
+    from prep.models.tiny import _CAPTION_WORDS
+
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    hf_logging.disable_progress_bar()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(_CAPTION_WORDS)))}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 224, "width": 224}), tokenizer=tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=vocab["[DEC]"],
+                         pad_token_id=0, sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"]),
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=224, patch_size=16),
+        projection_dim=256,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    # Random weights emit special tokens at once (an empty caption, rejected by the stage):
+    # bias the output layer against them, so every caption is max_new_tokens real words and
+    # every batch does the same generation work.
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[[vocab[t] for t in specials]] = -1e4
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def make_samples(n: int, work: str):
+    """n decoded demo images as Samples, each with a centred elliptical mask."""
+    from PIL import Image, ImageDraw
+
+    from prep.demo import write_demo_data
+    from prep.schemas.records import Sample
+    from prep.transforms.decode import decode_image
+    from prep.transforms.mask import mask_png
+
+    per_identity = 8
+    info = write_demo_data(os.path.join(work, "demo"), identities=max(1, -(-n // per_identity)),
+                           images_per_identity=per_identity, general_shards=0)
+    paths = sorted(glob.glob(os.path.join(info["celeba_dir"], "img_align_celeba", "*.jpg")))[:n]
+    samples = []
+    for i, path in enumerate(paths):
+        jpeg, w, h = decode_image(Path(path).read_bytes())
+        mask = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(mask).ellipse((w // 5, h // 6, 4 * w // 5, 5 * h // 6), fill=255)
+        samples.append(Sample(key=f"k{i:06d}", source="bench", domain="specific", path=path, identity=str(i % 7),
+                              image_jpeg=jpeg, width=w, height=h, mask_png=mask_png(np.asarray(mask))))
+    return samples
+
+
+# -- plain loops: the model called directly ------------------------------------------------
+
+def plain_caption(handler, samples, batch):
+    import torch
+
+    from prep.transforms.caption import clean_caption
+    from prep.transforms.decode import load_rgb
+
+    loaded = handler.load_model()
+    processor, net, device = loaded.processor, loaded.model, loaded.device
+    start = time.perf_counter()
+    out = []
+    for i in range(0, len(samples), batch):
+        images = [load_rgb(s.image_jpeg) for s in samples[i:i + batch]]
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        with torch.inference_mode():
+            ids = net.generate(**inputs, max_new_tokens=handler.max_new_tokens, num_beams=1, do_sample=False)
+        out += [clean_caption(t) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return time.perf_counter() - start, len(out)
+
+
+def plain_mask(handler, samples, batch):
+    from prep.transforms.decode import load_rgb
+    from prep.transforms.mask import binarize, mask_png
+
+    session = handler.load_model()
+    start = time.perf_counter()
+    out = []
+    for i in range(0, len(samples), batch):
+        for s in samples[i:i + batch]:
+            out.append(mask_png(binarize(session.predict(load_rgb(s.image_jpeg))[0])))
+    return time.perf_counter() - start, len(out)
+
+
+def plain_embed(handler, samples, batch):
+    import torch
+
+    from prep.transforms.decode import load_rgb
+    from prep.transforms.mask import load_mask, masked_image
+
+    loaded = handler.load_model()
+    net, preprocess, device = loaded.model, loaded.preprocess, loaded.device
+    dtype = next(net.parameters()).dtype
+    start = time.perf_counter()
+    out = []
+    for i in range(0, len(samples), batch):
+        x = torch.stack([preprocess(masked_image(load_rgb(s.image_jpeg), load_mask(s.mask_png))) for s in samples[i:i + batch]])
+        with torch.inference_mode():
+            feats = torch.nn.functional.normalize(net.encode_image(x.to(device, dtype)).float(), dim=-1)
+        out += list(feats.cpu().numpy())
+    return time.perf_counter() - start, len(out)
+
+
+# -- the same stage inside a Beam pipeline --------------------------------------------------
+
+def pipeline_stage(handler, samples):
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from prep.transforms.inference import ModelStage
+
+    from apache_beam.metrics.metric import MetricsFilter
+
+    start = time.perf_counter()
+    p = beam.Pipeline(runner=FnApiRunner())
+    _ = p | "Samples" >> beam.Create(samples) | "Stage" >> ModelStage(handler)
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.perf_counter() - start
+    query = result.metrics().query(MetricsFilter().with_name(f"{handler.stage}.ok"))
+    n = sum(c.committed for c in query["counters"])
+    # RunInference reports its own model-load time; it is excluded, as in the plain loop.
+    loads = result.metrics().query(MetricsFilter().with_name("load_model_latency_milli_secs"))
+    load_s = sum(d.committed.sum for d in loads["distributions"]) / 1000.0
+    return wall - load_s, n, wall, load_s
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--stages", default="embed,mask,caption")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--real", action="store_true", help="the paper preset's real models (needs them cached)")
+    parser.add_argument("--embed-batch", type=int, default=16)
+    parser.add_argument("--caption-batch", type=int, default=8)
+    parser.add_argument("--mask-batch", type=int, default=8)
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from prep.transforms.caption import CaptionHandler
+    from prep.transforms.embed import EmbedHandler
+    from prep.transforms.mask import MaskHandler
+    from prep.models.tiny import ensure_tiny_models
+
+    work = args.work or tempfile.mkdtemp(prefix="prep-bench-")
+    samples = make_samples(args.images, work)
+    if args.real:
+        models = {"caption": "Salesforce/blip2-opt-2.7b", "embed": ("ViT-L-14", "openai"), "mask": "u2net"}
+    else:
+        mask = str(SHARED_U2NETP) if SHARED_U2NETP.is_file() else ensure_tiny_models(os.path.join(work, "tiny")).mask_onnx
+        models = {"caption": build_small_blip(os.path.join(work, "small-blip")), "embed": ("ViT-B-32", None), "mask": mask}
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        if stage == "embed":
+            batch, model = args.embed_batch, models["embed"]
+            handler = EmbedHandler(model[0], model[1], device=args.device, max_batch_size=batch)
+            plain = plain_embed
+            label = f"{model[0]}/{model[1] or 'random'}"
+        elif stage == "mask":
+            batch, label = args.mask_batch, models["mask"]
+            handler = MaskHandler(models["mask"], device=args.device, max_batch_size=batch)
+            plain = plain_mask
+        elif stage == "caption":
+            batch, label = args.caption_batch, models["caption"]
+            handler = CaptionHandler(models["caption"], max_new_tokens=20, device=args.device, max_batch_size=batch)
+            plain = plain_caption
+        else:
+            raise SystemExit(f"unknown stage {stage!r}")
+        plain_s, plain_n = plain(handler, samples, batch)
+        pipe_s, pipe_n, wall, load_s = pipeline_stage(handler, samples)
+        if pipe_n != len(samples) or plain_n != len(samples):
+            raise SystemExit(f"{stage}: lost images (plain {plain_n}, pipeline {pipe_n} of {len(samples)})")
+        plain_ips, pipe_ips = plain_n / plain_s, pipe_n / pipe_s
+        print(json.dumps({
+            "stage": stage, "model": os.path.basename(str(label)), "batch": batch, "images": len(samples),
+            "plain_ips": round(plain_ips, 2), "pipeline_ips": round(pipe_ips, 2), "ratio": round(pipe_ips / plain_ips, 3),
+            "pipeline_wall_s": round(wall, 2), "model_load_s": round(load_s, 2),
+            "device": args.device, "torch_threads": torch.get_num_threads(),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
