@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -81,6 +82,7 @@ def run_cmd(
     trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
     model_cache: Optional[str] = typer.Option(None, help="where the tiny preset builds its models"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
+    progress: bool = typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards."""
@@ -103,6 +105,8 @@ def run_cmd(
         config.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if progress and not any(a.startswith("--runner") and "Dataflow" in a for a in ctx.args):
+        os.environ.setdefault("PREP_PROGRESS", "10")
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
     try:
