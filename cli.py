@@ -72,6 +72,7 @@ def run_cmd(
     refs_per_sample: int = typer.Option(4, help="K: same-identity references per sample"),
     seed: int = typer.Option(0),
     samples_per_shard: int = typer.Option(1000),
+    val_fraction: float = typer.Option(0.0, help="whole identities into OUT/val (CelebA's partition file wins)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
     caption_batch_size: int = typer.Option(8),
     caption_model_copies: Optional[int] = typer.Option(
@@ -97,7 +98,7 @@ def run_cmd(
         caption_num_beams=caption_num_beams, caption_general=caption_general, caption_join=caption_join,
         trust_remote_code=trust_remote_code, max_side=max_side, min_side=min_side, max_aspect=max_aspect,
         mask_threshold=mask_threshold, mask_min_fraction=mask_min_fraction, mask_fill=_parse_fill(mask_fill),
-        refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, device=device,
+        refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, val_fraction=val_fraction, device=device,
         caption_batch_size=caption_batch_size, caption_model_copies=caption_model_copies, mask_batch_size=mask_batch_size,
         embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache,
     )
@@ -130,6 +131,27 @@ def validate_cmd(out: str = typer.Argument(..., help="output directory of prep r
     typer.echo(format_report(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    out: str = typer.Argument(..., help="output directory of prep run (local path or gs://...)"),
+    html: str = typer.Option("report.html", "--out", "-o", help="where to write the HTML page"),
+    samples: int = typer.Option(24, min=0, help="triplets on the contact sheet"),
+    seed: int = typer.Option(0, help="seed that chooses the triplets"),
+    identity: Optional[str] = typer.Option(None, help="contact sheet: only this identity (glob)"),
+    key: Optional[str] = typer.Option(None, help="contact sheet: only keys matching this glob, e.g. 'celeba_0001*'"),
+):
+    """Write one self-contained HTML page of an output: counts, dead letters, charts, sampled triplets."""
+    _setup_logging(False)
+    from prep.report import format_summary, inspect_output
+
+    try:
+        summary = inspect_output(out, html, samples=samples, seed=seed, identity=identity, key=key)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_summary(summary))
 
 
 @app.command("demo-data")

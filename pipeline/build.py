@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +19,7 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
+from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
 from prep.transforms import sources
 from prep.transforms.caption import CaptionHandler, add_attribute_caption
@@ -38,6 +40,7 @@ class RunPlan:
     ingest_dead: list[DeadLetter] = field(default_factory=list)
     wds_urls: list[str] = field(default_factory=list)
     reports: list[SourceReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     dim: int = 0
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
@@ -61,7 +64,16 @@ class RunPlan:
                 },
             },
             "sources": [r.to_json() for r in self.reports],
+            "warnings": list(self.warnings),
+            "splits": self.split_counts(),
         }
+
+    def split_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.items:
+            if item.domain == SPECIFIC:
+                counts[item.split or TRAIN] = counts.get(item.split or TRAIN, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -89,6 +101,8 @@ def plan_run(config: RunConfig) -> RunPlan:
                     plan.items.append(item)
         report.spec = spec
         plan.reports.append(report)
+    plan.items, split_warnings = assign_splits(plan.items, val_fraction=config.val_fraction, seed=config.seed)
+    plan.warnings.extend(split_warnings)
     plan.dim = embed_dim(models.clip_model)
     plan.caption = CaptionHandler(
         models.caption_model,
@@ -167,6 +181,15 @@ def _by_domain(sample: Sample, _n: int) -> int:
     return 0 if sample.domain == SPECIFIC else 1
 
 
+def _by_split(sample: Sample, _n: int) -> int:
+    return SPLITS.index(sample.split or TRAIN)
+
+
+def split_dir(out: str, split: str) -> str:
+    """Train shards live in OUT/<domain>/ (contract v1); other splits in OUT/<split>/<domain>/."""
+    return out if split == TRAIN else f"{out}/{split}"
+
+
 def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
     cfg = plan.config
     out = cfg.out.rstrip("/")
@@ -213,11 +236,18 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
 
-    # Write shards, dead letters and the manifest.
-    shard_infos = (
-        specific | "WriteSpecific" >> WriteShards(out, SPECIFIC, cfg.samples_per_shard),
-        general.ok | "WriteGeneral" >> WriteShards(out, GENERAL, cfg.samples_per_shard),
-    ) | "AllShards" >> beam.Flatten()
+    # Write shards (whole identities per split), dead letters and the manifest.
+    by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
+    written = [general.ok | "WriteGeneral" >> WriteShards(out, GENERAL, cfg.samples_per_shard)]
+    for split, part in zip(SPLITS, by_split):
+        if split != TRAIN and not any(i.split == split for i in plan.items):
+            continue
+        label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
+        infos = part | label >> WriteShards(split_dir(out, split), SPECIFIC, cfg.samples_per_shard)
+        if split != TRAIN:
+            infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)
+        written.append(infos)
+    shard_infos = written | "AllShards" >> beam.Flatten()
     dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
     shard_infos | "WriteManifest" >> WriteManifest(
@@ -229,7 +259,7 @@ def output_exists(out: str) -> bool:
     from apache_beam.io.filesystems import FileSystems
 
     return any(
-        FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in ("manifest.json", SPECIFIC, GENERAL, "dead_letter")
+        FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in ("manifest.json", SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
     )
 
 
@@ -237,7 +267,7 @@ def clear_output(out: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     base = out.rstrip("/")
-    paths = [f"{base}/{n}" for n in ("manifest.json", SPECIFIC, GENERAL, "dead_letter")]
+    paths = [f"{base}/{n}" for n in ("manifest.json", SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
     existing = [p for p in paths if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)

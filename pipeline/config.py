@@ -63,6 +63,7 @@ class RunConfig:
     refs_per_sample: int = 4
     seed: int = 0
     samples_per_shard: int = 1000
+    val_fraction: float = 0.0  # whole identities to OUT/val (CelebA's partition file wins when present)
     # Execution.
     device: str = "auto"
     caption_batch_size: int = 8
@@ -83,6 +84,8 @@ class RunConfig:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.samples_per_shard < 1:
             problems.append("--samples-per-shard must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append("--val-fraction must be in [0, 1)")
         if self.refs_per_sample < 0:
             problems.append("--refs-per-sample must be >= 0")
         if self.max_side is not None and self.max_side < self.min_side:

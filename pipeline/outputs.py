@@ -1,7 +1,13 @@
-"""The run's bookkeeping outputs: the dead-letter file, sizes.json and the manifest.
+"""The run's bookkeeping outputs: the dead-letter file, sizes.json, the wids index and the
+manifest.
 
 The manifest is written by the pipeline itself (last step, from side inputs), so a run on
 Dataflow that the launcher does not wait for still ends with a complete manifest.
+
+`OUT/<domain>/index.wids.json` (and `OUT/<split>/<domain>/index.wids.json` for val/test) is a
+wids shard index ("wids-shard-index-v1", what `widsindex create` writes): shard URLs relative
+to the index file, sample counts and sizes, so `wids.ShardListDataset("OUT/specific/index.wids.json")`
+gives indexed access to the samples. The manifest's "wids_index" lists them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,32 @@ import apache_beam as beam
 from prep.schemas import contract
 from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
 from prep.transforms.write import write_atomic
+
+
+WIDS_INDEX = "index.wids.json"
+WIDS_KIND = "wids-shard-index-v1"
+
+
+def wids_index(domain: str, shards: list[ShardInfo]) -> dict[str, Any]:
+    """The wids shard index of one domain's shards, in shard order.
+
+    URLs are relative: wids resolves them against the index file's own location, so the
+    output folder can be moved or copied (to gs:// too) without rewriting the index.
+    """
+    mine = sorted((s for s in shards if s.domain == domain), key=lambda s: s.name)
+    return {
+        "__kind__": WIDS_KIND,
+        "wids_version": 1,
+        "name": domain,
+        "shardlist": [{"url": s.name, "nsamples": s.count, "filesize": s.bytes} for s in mine],
+    }
+
+
+def shard_folders(shards: list[ShardInfo]) -> list[str]:
+    """The folders (relative to OUT) that get a sizes.json and a wids index: every domain's
+    train folder, "<domain>", and "<split>/<domain>" for the other splits that have shards."""
+    folders = set(DOMAINS) | {s.domain if s.split == "train" else f"{s.split}/{s.domain}" for s in shards}
+    return sorted(folders, key=lambda f: (f.count("/"), f))
 
 
 def reason_class(reason: str) -> str:
@@ -60,7 +92,7 @@ def build_manifest(
     launch_inputs: int,
     streamed_inputs: int,
 ) -> dict[str, Any]:
-    shards = sorted(shards, key=lambda s: (s.domain, s.name))
+    shards = sorted(shards, key=lambda s: (s.split, s.domain, s.name))
     specific = sum(s.count for s in shards if s.domain == "specific")
     general = sum(s.count for s in shards if s.domain == "general")
     inputs = launch_inputs + streamed_inputs
@@ -76,8 +108,9 @@ def build_manifest(
         },
         "reconciled": inputs == specific + general + dead,
         "dead_letter_reasons": dict(sorted(dead_counts.items())),
+        "wids_index": {folder: f"{folder}/{WIDS_INDEX}" for folder in shard_folders(shards)},
         "shards": [
-            {"domain": s.domain, "name": s.name, "count": s.count, "sha256": s.sha256, "bytes": s.bytes}
+            {"domain": s.domain, "name": s.name, "count": s.count, "sha256": s.sha256, "bytes": s.bytes, "split": s.split}
             for s in shards
         ],
     }
@@ -99,15 +132,22 @@ class _WriteManifest(beam.DoFn):
             launch_inputs=self._launch_inputs,
             streamed_inputs=streamed_inputs,
         )
-        for domain in DOMAINS:
-            sizes = {s.name: s.count for s in sorted(shards, key=lambda s: s.name) if s.domain == domain}
-            write_atomic(f"{self._out}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
+        # One folder per (split, domain): train in OUT/<domain>/, other splits in OUT/<split>/<domain>/.
+        folders = {("train", d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
+        for split, domain in sorted(folders):
+            mine = [s for s in shards if s.split == split]
+            base = self._out if split == "train" else f"{self._out}/{split}"
+            sizes = {s.name: s.count for s in sorted(mine, key=lambda s: s.name) if s.domain == domain}
+            write_atomic(f"{base}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
+            index = wids_index(domain, mine)
+            write_atomic(f"{base}/{domain}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
         write_atomic(f"{self._out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
         yield manifest
 
 
 class WriteManifest(beam.PTransform):
-    """Shard infos + dead letters + streamed input count -> sizes.json files and manifest.json.
+    """Shard infos + dead letters + streamed input count -> sizes.json and index.wids.json per
+    domain, and manifest.json.
 
     Dead letters are counted per (stage, reason class) before they meet the manifest writer,
     so its memory does not grow with the number of rejected inputs.

@@ -140,6 +140,7 @@ class ShardInfo:
     bytes: int
     keys_first: str = ""
     keys_last: str = ""
+    split: str = "train"  # "train" shards live in OUT/<domain>/, others in OUT/<split>/<domain>/
 
 
 @dataclass

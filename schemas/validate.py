@@ -62,6 +62,7 @@ _SHARD_NAME = re.compile(rf"^\d{{{SHARD_DIGITS}}}\.tar$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MANIFEST_COUNTS = ("inputs", SPECIFIC, GENERAL, "dead_lettered")
 _MANIFEST_SHARD_FIELDS = ("domain", "name", "count", "sha256", "bytes")
+_OTHER_SPLITS = ("val", "test")  # identity-disjoint splits live in OUT/<split>/<domain>/
 _MANIFEST_FIELDS = ("schema_version", "counts", "shards", "config", "models")
 # What a broken or truncated tar stream can raise while being read.
 _TAR_ERRORS = (tarfile.TarError, ValueError, EOFError, OSError, zlib.error, lzma.LZMAError)
@@ -278,8 +279,8 @@ class _Validator:
     def run(self) -> ValidationReport:
         self.check_temp_files("", list(self.list_files()))
         manifest = self.check_manifest()
-        for domain in DOMAINS:
-            self.check_domain(domain, manifest)
+        for folder in self.folders(manifest):
+            self.check_domain(folder, manifest)
         self.check_refs()
         self.check_dead_letters()
         self.reconcile(manifest)
@@ -290,6 +291,14 @@ class _Validator:
             "shards": self.shards_read,
         }
         return ValidationReport(problems=self.problems, counts=counts, out_dir=self.out_dir)
+
+    def folders(self, manifest: Optional[_ManifestInfo]) -> list[str]:
+        """Shard folders: OUT/<domain> (train) and OUT/<split>/<domain> for other splits."""
+        found = set(DOMAINS) | set(manifest.shards if manifest is not None else ())
+        for split in _OTHER_SPLITS:
+            names = self.list_files(split) if FileSystems.exists(self.path(split)) else {}
+            found |= {f"{split}/{d}" for d in DOMAINS if d in names}
+        return sorted(found, key=lambda f: (f.count("/"), f))
 
     # ------------------------------------------------------------------ manifest
 
@@ -341,6 +350,12 @@ class _Validator:
         if domain not in DOMAINS:
             self.problem(f"{where}: domain {domain!r} is not one of {', '.join(DOMAINS)}")
             return
+        split = entry.get("split", "train")
+        if split != "train" and split not in _OTHER_SPLITS:
+            self.problem(f"{where}: split {split!r} is not one of train, {', '.join(_OTHER_SPLITS)}")
+            return
+        domain = domain if split == "train" else f"{split}/{domain}"  # the shard's folder
+        info.shards.setdefault(domain, {})
         if not isinstance(name, str) or not _SHARD_NAME.match(name):
             self.problem(f"{where}: name {name!r} is not a shard name like {shard_name(0)}")
             return
@@ -365,8 +380,9 @@ class _Validator:
     # ------------------------------------------------------------------ domain folders
 
     def check_domain(self, domain: str, manifest: Optional[_ManifestInfo]) -> None:
-        files = self.list_files(domain)
-        listed = manifest.shards[domain] if manifest is not None else {}
+        """`domain` is the folder: "specific", "general", or "<split>/<domain>" for val/test."""
+        files = self.list_files(*domain.split("/"))
+        listed = manifest.shards.get(domain, {}) if manifest is not None else {}
         if not files and not listed:
             return  # this domain was not produced
         self.check_temp_files(domain, list(files))
@@ -409,7 +425,7 @@ class _Validator:
             self.problem(f"{rel}: not an object of shard name -> int count")
             return None
         if manifest is not None:
-            listed = manifest.shards[domain]
+            listed = manifest.shards.get(domain, {})
             for name in sorted(set(data) | set(listed)):
                 if name not in listed:
                     self.problem(f"{rel}: {name} is not among the {domain} shards in {MANIFEST}")
@@ -433,6 +449,7 @@ class _Validator:
     ) -> None:
         """Stream one shard: hash it, and check every sample as soon as it is complete."""
         loc = f"{domain}/{name}"
+        folder, domain = domain, domain.rsplit("/", 1)[-1]
         self.shards_read += 1
         samples = 0
         done: set[str] = set()  # keys whose sample is complete in this shard
@@ -476,9 +493,9 @@ class _Validator:
             if "count" in listed and samples != listed["count"]:
                 self.problem(f"{loc}: {samples} samples, {MANIFEST} says {listed['count']}")
         if sizes is not None and name in sizes and samples != sizes[name]:
-            self.problem(f"{loc}: {samples} samples, {domain}/{SIZES} says {sizes[name]}")
+            self.problem(f"{loc}: {samples} samples, {folder}/{SIZES} says {sizes[name]}")
         elif sizes is not None and name not in sizes:
-            self.problem(f"{loc}: not listed in {domain}/{SIZES}")
+            self.problem(f"{loc}: not listed in {folder}/{SIZES}")
 
     def read_members(self, loc: str, reader: _HashingReader) -> Iterator[tuple[str, bytes]]:
         """The shard's members until the end or the first read error (reported, not raised).

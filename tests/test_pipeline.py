@@ -51,9 +51,29 @@ def test_output_is_valid_and_counts_reconcile(pipeline_run, demo):
         "dead_lettered": demo["corrupt"],
     }
     assert pipeline_run["manifest"]["reconciled"] is True
-    # samples_per_shard=7: 24 specific samples -> shards of 7, 7, 7, 3.
-    sizes = json.load(open(os.path.join(pipeline_run["out"], "specific", "sizes.json")))
-    assert list(sizes.values()) == [7, 7, 7, 3]
+    # The demo's partition file puts 4 identities in train, 1 in val, 1 in test (4 images
+    # each); samples_per_shard=7: train 16 -> shards of 7, 7, 2.
+    sizes = {
+        split: json.load(open(os.path.join(pipeline_run["out"], *sub, "specific", "sizes.json")))
+        for split, sub in (("train", ()), ("val", ("val",)), ("test", ("test",)))
+    }
+    assert {k: list(v.values()) for k, v in sizes.items()} == {"train": [7, 7, 2], "val": [4], "test": [4]}
+    assert pipeline_run["manifest"]["splits"] == {"test": 4, "train": 17, "val": 4}  # + the corrupt image
+
+
+def test_splits_hold_whole_identities_from_the_partition_file(pipeline_run, demo):
+    out = pipeline_run["out"]
+    partition = dict(line.split() for line in open(os.path.join(demo["celeba_dir"], "list_eval_partition.txt")))
+    names = {"0": "train", "1": "val", "2": "test"}
+    identities = {}
+    for split, folder in (("train", out), ("val", os.path.join(out, "val")), ("test", os.path.join(out, "test"))):
+        for key, s in read_domain(folder, "specific").items():
+            assert names[partition[key.split("_", 1)[1] + ".jpg"]] == split, key
+            identities.setdefault(s["json"]["identity"], set()).add(split)
+            for ref in s["json"]["ref_keys"]:
+                assert names[partition[ref.split("_", 1)[1] + ".jpg"]] == split  # refs stay in the split
+    assert len(identities) == 6 and all(len(v) == 1 for v in identities.values())
+    assert {s["split"] for s in pipeline_run["manifest"]["shards"] if s["domain"] == "specific"} == {"train", "val", "test"}
 
 
 def test_corrupt_image_is_dead_lettered_with_reason(pipeline_run):
@@ -87,8 +107,11 @@ def test_masks_are_binary_and_image_sized(shards):
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}, key
 
 
-def test_refs_are_same_identity_never_self_and_equal_embeddings(shards):
-    specific, _ = shards
+def test_refs_are_same_identity_never_self_and_equal_embeddings(pipeline_run):
+    out = pipeline_run["out"]
+    specific = {**read_domain(out, "specific"), **read_domain(os.path.join(out, "val"), "specific"),
+                **read_domain(os.path.join(out, "test"), "specific")}
+    assert len(specific) == 24
     per_identity: dict[str, int] = {}
     for s in specific.values():
         per_identity[s["json"]["identity"]] = per_identity.get(s["json"]["identity"], 0) + 1

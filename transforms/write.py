@@ -10,6 +10,15 @@ in key order then in contract order: the same input and config give byte-identic
 A shard is written to a temporary name beside its final one and renamed when complete, through
 Beam's FileSystems (local paths and gs:// alike), so a killed or retried worker never leaves a
 half-written tar under a final name.
+
+Beside each tar, as img2dataset does, go two small sidecars describing it, written the same
+way (atomically, byte-identical on a rerun with the same pyarrow version):
+  NNNNNN.parquet      one row per sample (`PARQUET_SCHEMA`): key, status, caption and its parts,
+                      identity, size, ref keys, mask foreground fraction, embedding norm
+  NNNNNN_stats.json   the shard's counts and summary statistics (`shard_stats`)
+They are written after the tar, the stats file last: a shard whose stats file exists is
+complete. Every value in them is computed from the bytes that went into the tar, so a reader
+can trust them instead of reading the tar (`prep inspect` does).
 """
 
 from __future__ import annotations
@@ -20,10 +29,15 @@ import io
 import json
 import tarfile
 import uuid
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from PIL import Image
 
 from prep.schemas import contract
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
@@ -91,6 +105,184 @@ def write_atomic(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])  # os.rename locally (atomic replace); copy+delete on GCS
 
 
+# ----------------------------------------------------------------------------- sidecars
+
+PARQUET_SUFFIX = ".parquet"
+STATS_SUFFIX = "_stats.json"
+STATUS_SUCCESS = "success"
+
+# One row per sample of a shard. Every sample in a shard was written, so status is always
+# "success" and error_message null (img2dataset's columns; rejected inputs are dead letters).
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("identity", pa.string()),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("caption_vlm", pa.string()),
+        pa.field("caption_attributes", pa.string()),
+        pa.field("caption_words", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("jpg_bytes", pa.int64(), nullable=False),
+        pa.field("ref_keys", pa.list_(pa.string()), nullable=False),
+        pa.field("ref_count", pa.int32(), nullable=False),
+        pa.field("mask_fraction", pa.float64()),  # null for general samples (no mask)
+        pa.field("emb_norm", pa.float64(), nullable=False),
+    ]
+)
+
+
+def parquet_name(shard: str) -> str:
+    """'000000.tar' -> '000000.parquet'."""
+    return shard.removesuffix(".tar") + PARQUET_SUFFIX
+
+
+def stats_name(shard: str) -> str:
+    """'000000.tar' -> '000000_stats.json'."""
+    return shard.removesuffix(".tar") + STATS_SUFFIX
+
+
+def mask_fraction(mask_png: bytes) -> float:
+    """Foreground fraction of a 0/255 mask PNG: nonzero pixels / all pixels."""
+    with Image.open(io.BytesIO(mask_png)) as mask:
+        values = np.asarray(mask)
+    return float(np.count_nonzero(values)) / values.size if values.size else 0.0
+
+
+def embedding_norm(embedding: np.ndarray) -> float:
+    """L2 norm of the float32 embedding as stored, computed in float64."""
+    return float(np.linalg.norm(np.asarray(embedding, dtype=np.float32).astype(np.float64)))
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """What the sidecars record of one sample (a row of the parquet file)."""
+
+    key: str
+    domain: str
+    source: str
+    identity: Optional[str]
+    caption: str
+    caption_vlm: Optional[str]
+    caption_attributes: Optional[str]
+    width: int
+    height: int
+    jpg_bytes: int
+    ref_keys: tuple[str, ...]
+    mask_fraction: Optional[float]
+    emb_norm: float
+
+    @property
+    def caption_words(self) -> int:
+        return len(self.caption.split())
+
+    @classmethod
+    def of(cls, sample: Sample) -> "ShardRow":
+        """The row for a complete sample, from the same values `sample_members` writes."""
+        meta = sample_json(sample)
+        if sample.image_jpeg is None or sample.embedding is None:
+            raise ValueError(f"sample {sample.key} is incomplete (image and embedding are required)")
+        return cls(
+            key=meta["key"],
+            domain=meta["domain"],
+            source=meta["source"],
+            identity=meta["identity"],
+            caption=meta["caption"],
+            caption_vlm=meta["caption_vlm"],
+            caption_attributes=meta["caption_attributes"],
+            width=int(meta["width"]),
+            height=int(meta["height"]),
+            jpg_bytes=len(sample.image_jpeg),
+            ref_keys=tuple(meta["ref_keys"]),
+            mask_fraction=mask_fraction(sample.mask_png) if sample.domain == SPECIFIC and sample.mask_png else None,
+            emb_norm=embedding_norm(sample.embedding),
+        )
+
+
+def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
+    """The rows as a parquet file (PARQUET_SCHEMA), in the given order.
+
+    The bytes depend only on the rows and the pyarrow version (which is recorded in the
+    file's `created_by`): parquet-cpp writes no timestamps.
+    """
+    columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
+    for row in rows:
+        values = {
+            "key": row.key,
+            "status": STATUS_SUCCESS,
+            "error_message": None,
+            "domain": row.domain,
+            "source": row.source,
+            "identity": row.identity,
+            "caption": row.caption,
+            "caption_vlm": row.caption_vlm,
+            "caption_attributes": row.caption_attributes,
+            "caption_words": row.caption_words,
+            "width": row.width,
+            "height": row.height,
+            "jpg_bytes": row.jpg_bytes,
+            "ref_keys": list(row.ref_keys),
+            "ref_count": len(row.ref_keys),
+            "mask_fraction": row.mask_fraction,
+            "emb_norm": row.emb_norm,
+        }
+        for name, value in values.items():
+            columns[name].append(value)
+    table = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    return buf.getvalue()
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """{"count", "min", "max", "mean"} of some numbers (min/max/mean null when there are none)."""
+    if not values:
+        return {"count": 0, "min": None, "max": None, "mean": None}
+    return {"count": len(values), "min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+
+
+def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: int, sha256: str) -> dict[str, Any]:
+    """The `NNNNNN_stats.json` object of one shard (img2dataset's count/successes/status_dict,
+    plus per-domain, per-source and per-field summaries). No timestamps: reruns are identical."""
+    sources: dict[str, int] = {}
+    for row in rows:
+        sources[row.source] = sources.get(row.source, 0) + 1
+    masks = [r.mask_fraction for r in rows if r.mask_fraction is not None]
+    return {
+        "schema_version": contract.SCHEMA_VERSION,
+        "shard": shard,
+        "domain": domain,
+        "count": len(rows),
+        "successes": len(rows),
+        "status_dict": {STATUS_SUCCESS: len(rows)} if rows else {},
+        "bytes": tar_size,
+        "sha256": sha256,
+        "first_key": rows[0].key if rows else None,
+        "last_key": rows[-1].key if rows else None,
+        "domains": {domain: len(rows)},
+        "sources": dict(sorted(sources.items())),
+        "identities": len({r.identity for r in rows if r.identity is not None}),
+        "caption_words": summarize([r.caption_words for r in rows]),
+        "caption_chars": summarize([len(r.caption) for r in rows]),
+        "with_caption_vlm": sum(1 for r in rows if r.caption_vlm),
+        "with_caption_attributes": sum(1 for r in rows if r.caption_attributes),
+        "mask_fraction": summarize(masks),
+        "refs_per_sample": {**summarize([len(r.ref_keys) for r in rows]), "total": sum(len(r.ref_keys) for r in rows)},
+        "emb_norm": summarize([r.emb_norm for r in rows]),
+        "width": summarize([r.width for r in rows]),
+        "height": summarize([r.height for r in rows]),
+        "jpg_bytes": {**summarize([r.jpg_bytes for r in rows]), "total": sum(r.jpg_bytes for r in rows)},
+    }
+
+
+def stats_bytes(stats: dict[str, Any]) -> bytes:
+    return json.dumps(stats, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 def shard_boundaries(keys: list[str], samples_per_shard: int) -> list[str]:
     ordered = sorted(keys)
     return ordered[::samples_per_shard]
@@ -135,14 +327,20 @@ class _WriteShard(beam.DoFn):
         samples = sorted(samples, key=lambda s: s.key)
         data = tar_bytes(samples)
         name = contract.shard_name(index)
+        sha256 = hashlib.sha256(data).hexdigest()
+        rows = [ShardRow.of(s) for s in samples]
+        stats = shard_stats(rows, shard=name, domain=self._domain, tar_size=len(data), sha256=sha256)
+        # Tar, then parquet, then stats: the stats file appears only once the shard is complete.
         write_atomic(f"{self._dir}/{name}", data)
+        write_atomic(f"{self._dir}/{parquet_name(name)}", parquet_bytes(rows))
+        write_atomic(f"{self._dir}/{stats_name(name)}", stats_bytes(stats))
         self._shards.inc()
         self._samples.inc(len(samples))
         yield ShardInfo(
             domain=self._domain,
             name=name,
             count=len(samples),
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             bytes=len(data),
             keys_first=samples[0].key,
             keys_last=samples[-1].key,
@@ -150,7 +348,8 @@ class _WriteShard(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """Samples of one domain -> tars under OUT/<domain>/; outputs one ShardInfo per shard."""
+    """Samples of one domain -> tars (and their parquet and stats sidecars) under OUT/<domain>/;
+    outputs one ShardInfo per shard."""
 
     def __init__(self, out_dir: str, domain: str, samples_per_shard: int):
         super().__init__()
