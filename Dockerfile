@@ -22,6 +22,7 @@ COPY transforms/ transforms/
 COPY pipeline/ pipeline/
 COPY models/ models/
 COPY trainer/ trainer/
+COPY report/ report/
 # The same install the README uses; then rembg's CPU onnxruntime is swapped for the GPU build
 # (both provide the `onnxruntime` module, so only one may be installed).
 RUN pip install --no-cache-dir . \

@@ -83,6 +83,8 @@ def run_cmd(
     trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
     model_cache: Optional[str] = typer.Option(None, help="where the tiny preset builds its models"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
+    retry_dead_letter: bool = typer.Option(
+        False, help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards"),
     progress: bool = typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -111,7 +113,7 @@ def run_cmd(
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
     try:
-        manifest = run(config, ctx.args)
+        manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter)
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -19,6 +19,7 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
+from prep.pipeline.resume import RUN_STATE, ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
 from prep.transforms import sources
@@ -82,8 +83,14 @@ def plan_run(config: RunConfig) -> RunPlan:
     models = resolve_models(config)
     plan = RunPlan(config=config, models=models)
     seen: dict[str, str] = {}
+    given: set[tuple[str, str]] = set()
     for spec in config.inputs:
         kind, location = sources.parse_input_spec(spec)
+        where = (kind, sources.normalize_root(location) if kind != "wds" else location)
+        if where in given:
+            plan.warnings.append(f"input {spec!r} repeats an earlier input; it is read once")
+            continue
+        given.add(where)
         if kind == "wds":
             urls, report = sources.plan_wds(location)
             plan.wds_urls.extend(u for u in urls if u not in plan.wds_urls)
@@ -153,7 +160,7 @@ class UniqueKeys(beam.PTransform):
     def expand(self, samples):
         winners = (
             samples
-            | "KeyPath" >> beam.Map(lambda s: (s.key, s.path))
+            | "KeyPath" >> beam.Map(lambda s: (s.key, s.path)).with_output_types(tuple[str, str])
             | "GroupPaths" >> beam.GroupByKey()
             | "Repeated" >> beam.FlatMap(lambda kv: [(kv[0], min(kv[1]))] if len(list(kv[1])) > 1 else [])
         )
@@ -181,6 +188,10 @@ def _by_domain(sample: Sample, _n: int) -> int:
     return 0 if sample.domain == SPECIFIC else 1
 
 
+def _key_in(record, keys: frozenset[str]) -> bool:
+    return record.key in keys
+
+
 def _by_split(sample: Sample, _n: int) -> int:
     return SPLITS.index(sample.split or TRAIN)
 
@@ -190,13 +201,30 @@ def split_dir(out: str, split: str) -> str:
     return out if split == TRAIN else f"{out}/{split}"
 
 
-def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
+class _SkipDone(beam.DoFn):
+    """Resume: samples already in complete shards are not processed again."""
+
+    def __init__(self, done: frozenset[str]):
+        self._done = done
+        self._skipped = counter("resume", "skipped")
+
+    def process(self, sample: Sample):
+        if sample.key in self._done:
+            self._skipped.inc()
+        else:
+            yield sample
+
+
+def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState] = None) -> None:
     cfg = plan.config
+    resume = resume or ResumeState()
     out = cfg.out.rstrip("/")
     letters = []
 
     # Ingest: small items fan out before the bytes are read.
-    items = p | "ListImages" >> beam.Create(plan.items) | "FanOutImages" >> beam.Reshuffle()
+    only = resume.only_keys
+    to_read = plan.items if only is None else [i for i in plan.items if i.key in only]
+    items = p | "ListImages" >> beam.Create(to_read) | "FanOutImages" >> beam.Reshuffle()
     images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
     tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
     pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
@@ -207,6 +235,10 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
     samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
     samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
     letters.append(duplicates)
+    if resume.done_keys:
+        samples = samples | "SkipDone" >> beam.ParDo(_SkipDone(resume.done_keys))
+    if only is not None:
+        samples = samples | "OnlyRetried" >> beam.Filter(_key_in, keys=only)
 
     decode = DecodeParams(
         max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side
@@ -231,28 +263,42 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan) -> None:
     letters.append(failed)
     specific, failed = specific | "Embed" >> ModelStage(plan.embed)
     letters.append(failed)
-    specific = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim)
+    specific = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific)
 
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
 
     # Write shards (whole identities per split), dead letters and the manifest.
     by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
-    written = [general.ok | "WriteGeneral" >> WriteShards(out, GENERAL, cfg.samples_per_shard)]
+    done, first = resume.keys, resume.first_index
+    written = [
+        general.ok | "WriteGeneral" >> WriteShards(
+            out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0)
+        )
+    ]
     for split, part in zip(SPLITS, by_split):
         if split != TRAIN and not any(i.split == split for i in plan.items):
             continue
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
-        infos = part | label >> WriteShards(split_dir(out, split), SPECIFIC, cfg.samples_per_shard)
+        infos = part | label >> WriteShards(
+            split_dir(out, split), SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
+            first.get((split, SPECIFIC), 0),
+        )
         if split != TRAIN:
             infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)
         written.append(infos)
+    if resume.shards:
+        written.append(p | "KeptShards" >> beam.Create(resume.shards))
     shard_infos = written | "AllShards" >> beam.Flatten()
     dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
+    if only is not None:  # a retry: a sample already in a shard is never also a dead letter
+        dead_letters = dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=only)
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
-    shard_infos | "WriteManifest" >> WriteManifest(
-        out, plan.manifest_header(), plan.launch_inputs, dead_letters, streamed_inputs
-    )
+    launch_inputs = plan.launch_inputs
+    if resume.inputs is not None:  # a retry: the inputs are still the original run's
+        launch_inputs = resume.inputs
+        streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
+    shard_infos | "WriteManifest" >> WriteManifest(out, plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs)
 
 
 def output_exists(out: str) -> bool:
@@ -267,7 +313,7 @@ def clear_output(out: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     base = out.rstrip("/")
-    paths = [f"{base}/{n}" for n in ("manifest.json", SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
+    paths = [f"{base}/{n}" for n in ("manifest.json", RUN_STATE, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
     existing = [p for p in paths if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)

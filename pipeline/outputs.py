@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from prep.schemas import contract
 from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
@@ -141,6 +142,9 @@ class _WriteManifest(beam.DoFn):
             write_atomic(f"{base}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
             index = wids_index(domain, mine)
             write_atomic(f"{base}/{domain}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
+        stale = f"{self._out}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
+        if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
+            FileSystems.delete([stale])  # a retry that left no dead letters
         write_atomic(f"{self._out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
         yield manifest
 

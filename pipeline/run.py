@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run
 from prep.pipeline.config import RunConfig
+from prep.pipeline.resume import read_run_state, run_digest, scan_completed, scan_for_retry, write_run_state
 from prep.schemas import contract
 
 log = logging.getLogger(__name__)
@@ -39,29 +40,72 @@ def read_manifest(out: str) -> dict:
         return json.loads(f.read().decode("utf-8"))
 
 
-def run(config: RunConfig, beam_args: Optional[Sequence[str]] = None, *, wait: bool = True) -> Optional[dict]:
-    """Check the output folder, plan, build and run the pipeline; return the manifest."""
+def run(
+    config: RunConfig,
+    beam_args: Optional[Sequence[str]] = None,
+    *,
+    wait: bool = True,
+    retry_dead_letter: bool = False,
+) -> Optional[dict]:
+    """Check the output folder, plan, build and run the pipeline; return the manifest.
+
+    An output folder that holds a complete run (a manifest) is refused unless `overwrite`.
+    One that holds a partial run of the same config and inputs (its `_run.json` digest
+    matches) is resumed: complete shards are verified by checksum and kept, the rest redone.
+    Anything else is refused unless `overwrite`.
+    """
     config.validate()
-    exists = output_exists(config.out)
-    if exists and not config.overwrite:
+    out = config.out.rstrip("/")
+    complete = FileSystems.exists(f"{out}/{contract.MANIFEST}")
+    partial = not complete and (output_exists(out) or read_run_state(out) is not None)
+    if retry_dead_letter and not complete:
+        raise OutputExists(f"--retry-dead-letter needs a complete run in {config.out} (no manifest.json there)")
+    if complete and not (config.overwrite or retry_dead_letter):
         raise OutputExists(
-            f"{config.out} already holds output (manifest, shards or dead letters); pass --overwrite to replace it"
+            f"{config.out} already holds a complete run (manifest.json); pass --overwrite to redo it, "
+            "or --retry-dead-letter to redo only its dead-lettered inputs"
         )
     plan = plan_run(config)
-    if exists:
-        clear_output(config.out)
+    digest = run_digest(config.to_json(), plan.items, plan.wds_urls, plan.manifest_header()["models"])
+    resume = None
+    if retry_dead_letter:
+        state = read_run_state(out)
+        if state is None or state.get("digest") != digest:
+            raise OutputExists(
+                f"--retry-dead-letter must use the config, inputs and models of the run in {config.out}; they differ"
+            )
+        resume = scan_for_retry(out, read_manifest(out))
+        log.warning("retrying %d dead-lettered input(s) of %s", len(resume.only_keys), out)
+    elif (complete or partial) and config.overwrite:
+        clear_output(out)
+    elif partial:
+        state = read_run_state(out)
+        if state is None or state.get("digest") != digest:
+            why = "was not written by prep" if state is None else "comes from a different config, inputs or models"
+            raise OutputExists(f"{config.out} holds a partial run that {why}; pass --overwrite to replace it")
+        resume = scan_completed(out)
+        log.warning("resuming %s: %d complete shard(s) kept (%d samples), %d partial file(s) removed",
+                    out, len(resume.shards), len(resume.done_keys), len(resume.removed))
+    write_run_state(out, digest, config.to_json())
     for report in plan.reports:
         for warning in report.warnings:
             log.warning("%s: %s", report.spec, warning)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     options = PipelineOptions(list(beam_args or []))
     runner = make_runner(options)
     p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, plan)
+    build_pipeline(p, plan, resume)
     result = p.run()
     if not wait:
         return None
     result.wait_until_finish()
-    return read_manifest(config.out)
+    manifest = read_manifest(config.out)
+    if resume is not None and retry_dead_letter:
+        manifest = {**manifest, "retried": len(resume.only_keys)}
+    elif resume is not None:
+        manifest = {**manifest, "resumed": {"kept_shards": len(resume.shards), "kept_samples": len(resume.done_keys)}}
+    return manifest
 
 
 def format_summary(manifest: dict, out: str) -> str:

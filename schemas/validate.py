@@ -828,7 +828,10 @@ class _Validator:
             if not (isinstance(value, str) and value):
                 self.problem(f"{where}: {name} is {value!r}, expected a non-empty string")
         key = letter.get("key")
-        if isinstance(key, str) and key in self.where:
+        # A second input that produced an existing key is dead-lettered under that key, while
+        # its twin (a different input) is in a shard: that is the one allowed overlap.
+        duplicate = letter.get("stage") == "ingest" and str(letter.get("reason", "")).startswith("duplicate key:")
+        if isinstance(key, str) and key in self.where and not duplicate:
             self.problem(f"{where}: dead-lettered key {key!r} is also in shard {self.where[key]}")
 
     def reconcile(self, manifest: Optional[_ManifestInfo]) -> None:

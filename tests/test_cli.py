@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_run_passes_beam_options_through_unchanged(monkeypatch, tmp_path):
     captured = {}
 
-    def fake_run(config, beam_args):
+    def fake_run(config, beam_args, **kwargs):
         captured["config"], captured["args"] = config, list(beam_args)
         return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
 

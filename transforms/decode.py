@@ -1,26 +1,38 @@
 """Decode and validate: raw input bytes -> the upright RGB JPEG that goes into the shard.
 
 Rules:
-- the whole image is decoded (a truncated file is an error, never silently padded);
-- the pixel count is checked before decoding (decompression bombs are rejected cheaply);
+- the whole image is decoded (a truncated file is an error, never silently padded); JPEGs
+  also get a structural check (an end-of-image marker after the scan data, no invalid
+  markers inside it), because Pillow decodes a JPEG whose tail was cut and zero-filled, or
+  whose scan data holds garbage markers, into grey or smeared pixels without a word;
+- the pixel count is checked before decoding (decompression bombs are rejected cheaply:
+  a header that declares 100000x100000 pixels never allocates them);
+- the size rules (too small, extreme aspect ratio) are checked on the header too, before
+  any pixel is decoded;
 - EXIF orientation is applied, animations keep their first frame, transparency is composited
   onto white, 16-bit and palette images are converted properly, everything ends as RGB;
-- degenerate images (too small, extreme aspect ratio) are rejected with the reason;
 - `max_side` downscales (aspect kept) so the models and the shard see the same pixels;
 - an RGB JPEG that needs no change keeps its original bytes (no generation loss).
-Nothing is ever replaced by a placeholder: a rejected image becomes a dead letter.
+Nothing is ever replaced by a placeholder: a rejected image becomes a dead letter whose
+reason starts with a short class ("too many pixels", "truncated or corrupt image", ...)
+followed by ": " and the details (the manifest counts dead letters by that class).
+
+Known limit: libjpeg repairs some corruptions inside the entropy-coded data silently (a
+flipped bit decodes to a wrong block, with a warning Pillow does not expose); only the
+structural damage listed above is detected.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from prep.schemas.records import DeadLetter, Sample
 from prep.transforms.common import counter, dead
@@ -29,9 +41,25 @@ STAGE = "decode"
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; PIL's own default warns at ~89M and fails at 179M
 ORIENTATION_TAG = 0x0112
 
+# Reason classes (the text before the first colon of a dead letter's reason).
+EMPTY = "empty file"
+NOT_AN_IMAGE = "not a decodable image"
+TOO_MANY_PIXELS = "too many pixels"
+CORRUPT = "truncated or corrupt image"
+UNCONVERTIBLE = "cannot convert image"
+TOO_SMALL = "too small"
+EXTREME_ASPECT = "extreme aspect ratio"
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
 
 class ImageRejected(ValueError):
     """The image cannot be used; the message is the reason a person reads."""
+
+
+def _reject(kind: str, details: str) -> ImageRejected:
+    return ImageRejected(f"{kind}: {details}")
 
 
 @dataclass(frozen=True)
@@ -43,13 +71,82 @@ class DecodeParams:
     jpeg_quality: int = 95
 
 
+# --------------------------------------------------------------------------------------
+# JPEG structure
+# --------------------------------------------------------------------------------------
+
+# Markers without a length field: TEM and RST0..RST7 (SOI/EOI are handled on their own).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_structure_problem(raw: bytes) -> Optional[str]:
+    """What is structurally wrong with a JPEG that libjpeg would still decode, or None.
+
+    Walks the marker segments by their lengths; inside each scan's entropy-coded data a
+    0xFF byte may only be followed by 0x00 (stuffing), RST0..RST7, more 0xFF fill bytes, or
+    the marker that ends the scan. The file must reach an end-of-image marker (EOI) after
+    its last scan; whatever follows EOI (camera trailers, MPO frames) is not looked at.
+    """
+    n = len(raw)
+    if raw[:2] != b"\xff\xd8":
+        return "has no start-of-image marker"
+    pos = 2
+    scans = 0
+    while True:
+        if pos >= n:
+            return "ends before its end-of-image marker (cut short)"
+        if raw[pos] != 0xFF:
+            return f"has 0x{raw[pos]:02X} at byte {pos} where a marker belongs"
+        while pos < n and raw[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= n:
+            return "ends before its end-of-image marker (cut short)"
+        marker = raw[pos]
+        pos += 1
+        if marker == 0xD9:
+            return None if scans else "has its end-of-image marker before any scan data"
+        if marker in _STANDALONE:
+            continue
+        if marker < 0xC0 or marker == 0xD8:
+            return f"has an invalid marker 0xFF{marker:02X} at byte {pos - 2}"
+        if pos + 2 > n:
+            return "ends inside a marker segment (cut short)"
+        length = int.from_bytes(raw[pos : pos + 2], "big")
+        if length < 2 or pos + length > n:
+            return f"has a marker 0xFF{marker:02X} at byte {pos - 2} whose length {length} runs past the end"
+        pos += length
+        if marker != 0xDA:  # not SOS: a plain segment
+            continue
+        scans += 1
+        while True:  # entropy-coded data up to the next real marker
+            i = raw.find(b"\xff", pos)
+            if i < 0 or i + 1 >= n:
+                return "has no end-of-image marker after its scan data (the file is cut short or its end overwritten)"
+            follower = raw[i + 1]
+            if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                pos = i + 2
+            elif follower == 0xFF:
+                pos = i + 1
+            elif follower < 0xC0 or follower == 0xD8:
+                return f"has an invalid marker 0xFF{follower:02X} inside its scan data at byte {i}"
+            else:
+                pos = i
+                break
+
+
+# --------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode in _INT16_MODES or mode == "I":
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # 16-bit files (PNG, TIFF) open as I;16 in Pillow 12, or as I in older versions.
+        peak = 65535.0 if mode in _INT16_MODES or arr.max() > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
@@ -57,62 +154,95 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "L", "RGB", "1") and "transparency" in img.info:
+        # A palette entry or a colour key marks transparent pixels.
         img = img.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
 
+_PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _open(raw: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel check follows at once, with the configured limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:
+        # Pillow's guard (Image.MAX_IMAGE_PIXELS, 2x our limit inside DecodeImages) fired
+        # while reading the header; its message has the pixel count but not the size.
+        found = _PIL_BOMB_PIXELS.search(str(exc))
+        pixels = f"{int(found.group(1))} pixels" if found else str(exc)
+        raise _reject(
+            TOO_MANY_PIXELS, f"{pixels} > limit {max_pixels} (decompression bomb guard, rejected from the header)"
+        ) from None
+    except UnidentifiedImageError:
+        # (Pillow's own message names the BytesIO object's address: not stable across runs.)
+        raise _reject(NOT_AN_IMAGE, f"no image format recognised; the file starts with {raw[:20]!r}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "not an image we can read"
+        raise _reject(NOT_AN_IMAGE, f"{type(exc).__name__}: {exc}") from None
+
+
 def decode_image(raw: bytes, params: DecodeParams = DecodeParams()) -> tuple[bytes, int, int]:
     """Return (jpeg_bytes, width, height) of the validated image, or raise ImageRejected."""
     if not raw:
-        raise ImageRejected("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(raw))
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"decompression bomb: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder error means "not an image we can read"
-        raise ImageRejected(f"not a decodable image: {type(exc).__name__}: {exc}") from None
+        raise _reject(EMPTY, "0 bytes")
+    img = _open(raw, params.max_pixels)
+    fmt = img.format
+    # Header checks: nothing is decoded yet (orientation swaps sides, it changes neither rule).
     width, height = img.size
     if width * height > params.max_pixels:
-        raise ImageRejected(f"too many pixels: {width}x{height} = {width * height} > limit {params.max_pixels}")
-    fmt = img.format
+        raise _reject(
+            TOO_MANY_PIXELS,
+            f"{width}x{height} = {width * height} pixels > limit {params.max_pixels} "
+            f"(decompression bomb guard, rejected from the header)",
+        )
+    if min(width, height) < params.min_side:
+        raise _reject(TOO_SMALL, f"{width}x{height} (min side {params.min_side})")
+    aspect = max(width, height) / min(width, height)
+    if aspect > params.max_aspect:
+        raise _reject(EXTREME_ASPECT, f"{aspect:.1f} ({width}x{height}, max {params.max_aspect})")
+    if fmt in ("JPEG", "MPO"):
+        problem = jpeg_structure_problem(raw)
+        if problem is not None:
+            raise _reject(CORRUPT, f"JPEG {problem}")
     try:
+        animated = bool(getattr(img, "is_animated", False))
         img.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt, or over the pixel limit
-        raise ImageRejected(f"cannot decode {fmt or 'image'} data: {type(exc).__name__}: {exc}") from None
-    orientation = img.getexif().get(ORIENTATION_TAG, 1)
-    multi_frame = getattr(img, "n_frames", 1) > 1
-    needs_transpose = orientation not in (None, 1)
-    if needs_transpose:
-        img = ImageOps.exif_transpose(img)
-    source_mode = img.mode
-    img = _to_rgb(img)
-    width, height = img.size
-    if min(width, height) < params.min_side:
-        raise ImageRejected(f"too small: {width}x{height} (min side {params.min_side})")
-    aspect = max(width, height) / min(width, height)
-    if aspect > params.max_aspect:
-        raise ImageRejected(f"extreme aspect ratio {aspect:.1f} ({width}x{height}, max {params.max_aspect})")
-    resized = False
-    if params.max_side and max(width, height) > params.max_side:
-        scale = params.max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        raise _reject(CORRUPT, f"the {fmt or 'image'} data does not decode ({type(exc).__name__}: {exc})") from None
+    try:
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+        needs_transpose = orientation not in (None, 1)
+        if needs_transpose:
+            img = ImageOps.exif_transpose(img)
+        source_mode = img.mode
+        has_key_colour = "transparency" in img.info
+        img = _to_rgb(img)
         width, height = img.size
-        resized = True
-    if fmt == "JPEG" and source_mode == "RGB" and not (needs_transpose or resized or multi_frame):
-        return raw, width, height
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=params.jpeg_quality, subsampling=0 if params.jpeg_quality >= 90 else 2)
-    return buf.getvalue(), width, height
+        resized = False
+        if params.max_side and max(width, height) > params.max_side:
+            scale = params.max_side / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            width, height = img.size
+            resized = True
+        if fmt == "JPEG" and source_mode == "RGB" and not (needs_transpose or resized or animated or has_key_colour):
+            return raw, width, height
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=params.jpeg_quality, subsampling=0 if params.jpeg_quality >= 90 else 2)
+        return buf.getvalue(), width, height
+    except Exception as exc:  # noqa: BLE001 - an odd mode or EXIF block: a dead letter, never a crash
+        raise _reject(UNCONVERTIBLE, f"{fmt or 'image'} in mode {img.mode}: {type(exc).__name__}: {exc}") from None
 
 
 def load_rgb(jpeg: bytes) -> Image.Image:
@@ -131,8 +261,10 @@ class DecodeImages(beam.DoFn):
         self._rejected = counter(STAGE, "dead_lettered")
 
     def setup(self):
-        # Explicit, per worker: PIL's own guard is a second line behind our pixel check.
+        # Explicit, per worker: PIL's own guard is a second line behind our pixel check, and
+        # a truncated image must raise (some libraries flip this global to "pad with grey").
         Image.MAX_IMAGE_PIXELS = max(self._params.max_pixels, 1)
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
 
     def process(self, sample: Sample):
         try:

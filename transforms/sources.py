@@ -32,7 +32,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from braceexpand import braceexpand
 
-from prep.schemas.contract import iter_tar_members, split_member
+from prep.schemas.contract import MAX_MEMBER_BYTES, iter_tar_members, split_member
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport, make_key
 from prep.transforms.common import counter, dead
 
@@ -92,7 +92,7 @@ def parse_input_spec(spec: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def _normalize_root(location: str) -> str:
+def normalize_root(location: str) -> str:
     """Local paths become absolute (workers may run elsewhere); URLs stay as given."""
     location = location.rstrip("/") or "/"
     if FileSystems.get_scheme(location) is None:
@@ -175,18 +175,21 @@ def _parse_split(value: str) -> Optional[str]:
     return CELEBA_SPLITS.get(value)
 
 
-def _read_name_value_file(
+def _parse_name_value_file(
     source: PathOrFile, convert: Callable[[str], Optional[str]], value_desc: str
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], list[str], dict[str, tuple[int, str]]]:
     """Parse `<image name> <value>` lines (whitespace separated) into {name: value}.
 
     A first line whose second field does not convert and whose first field is not an image
     name is a header and is skipped with a warning. Malformed lines and duplicate names are
-    skipped (first row kept) with one warning each, quoting a few examples.
+    skipped (first row kept) with one warning each, quoting a few examples. The malformed
+    lines are returned too, by their first field: {name: (line number, line)}, so a caller
+    can tell "no line for this image" from "a line that could not be read".
     """
     label, lines = _read_lines(source)
     out: dict[str, str] = {}
     warnings: list[str] = []
+    bad: dict[str, tuple[int, str]] = {}
     bad_lines: list[int] = []
     duplicates: list[str] = []
     seen_first = False
@@ -202,6 +205,7 @@ def _read_name_value_file(
         value = convert(fields[1]) if len(fields) == 2 else None
         if value is None:
             bad_lines.append(lineno)
+            bad.setdefault(fields[0], (lineno, line.strip()))
             continue
         if fields[0] in out:
             duplicates.append(fields[0])
@@ -217,6 +221,13 @@ def _read_name_value_file(
             f"{label}: {len(duplicates)} duplicate image name(s), kept the first row of each "
             f"(e.g. {_examples(duplicates)})"
         )
+    return out, warnings, bad
+
+
+def _read_name_value_file(
+    source: PathOrFile, convert: Callable[[str], Optional[str]], value_desc: str
+) -> tuple[dict[str, str], list[str]]:
+    out, warnings, _ = _parse_name_value_file(source, convert, value_desc)
     return out, warnings
 
 
@@ -333,7 +344,7 @@ def _duplicate_letter(key: str, source: str, path: str, first_path: str) -> Dead
         key=key,
         source=source,
         stage="ingest",
-        reason=f"duplicate key {key}: also produced by {first_path}",
+        reason=f"duplicate key: {key} is also produced by {first_path}",
         path=path,
     )
 
@@ -347,7 +358,7 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
     letter; annotation rows for images not on disk are only counted (report.missing_on_disk),
     so a partial download does not flood the dead-letter output.
     """
-    root = _normalize_root(root)
+    root = normalize_root(root)
     report = SourceReport(spec=f"celeba:{root}", kind="celeba")
 
     identity_path = find_annotation(root, CELEBA_IDENTITY)
@@ -356,7 +367,7 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
             f"CelebA source {root}: identity file not found; expected "
             f"{FileSystems.join(root, CELEBA_IDENTITY + '.txt')} or .txt.gz"
         )
-    identities, warnings = read_identity_file(identity_path)
+    identities, warnings, bad_identity_lines = _parse_name_value_file(identity_path, _parse_identity, "identity id")
     report.warnings.extend(warnings)
     identity_file = _basename(identity_path)
 
@@ -387,6 +398,7 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
         raise FileNotFoundError(f"CelebA source {root}: no .jpg/.jpeg/.png images in {image_dir}")
 
     identity_by_stem = _by_stem(identities)
+    bad_identity_by_stem = _by_stem(bad_identity_lines)
     attributes_by_stem = _by_stem(attributes)
     split_by_stem = _by_stem(splits)
 
@@ -405,15 +417,16 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
         first_path_of_key[key] = path
         identity = identity_by_stem.get(stem)
         if identity is None:
-            dead_letters.append(
-                DeadLetter(
-                    key=key,
-                    source="celeba",
-                    stage="ingest",
-                    reason=f"no identity line for {name} in {identity_file}",
-                    path=path,
+            bad_line = bad_identity_by_stem.get(stem)
+            if bad_line is not None:
+                lineno, line = bad_line  # type: ignore[misc]
+                reason = (
+                    f"bad identity line: line {lineno} of {identity_file} is {line!r}, "
+                    f"not '<image> <numeric identity id>'"
                 )
-            )
+            else:
+                reason = f"no identity line: {name} is not in {identity_file}"
+            dead_letters.append(DeadLetter(key=key, source="celeba", stage="ingest", reason=reason, path=path))
             continue
         items.append(
             SourceItem(
@@ -430,7 +443,7 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
 
     # Annotated images that are not on disk: counted, never dead letters.
     annotated: dict[str, str] = {}
-    for rows in (identities, attributes, splits):
+    for rows in (identities, bad_identity_lines, attributes, splits):
         for name in rows:
             annotated.setdefault(_stem(name), name)
     missing = sorted(name for stem, name in annotated.items() if stem not in on_disk)
@@ -483,7 +496,7 @@ def plan_folder(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
     not looked at. Two files giving the same key (a.jpg and a.png in one folder): the
     second in path order is a dead letter.
     """
-    root = _normalize_root(root)
+    root = normalize_root(root)
     report = SourceReport(spec=f"folder:{root}", kind="folder")
 
     in_root = [p for p in _match_paths(FileSystems.join(root, "*")) if not _basename(p).startswith(".")]
@@ -546,7 +559,7 @@ def plan_wds(pattern: str) -> tuple[list[str], SourceReport]:
     shards of an otherwise present dataset); nothing at all raises FileNotFoundError.
     """
     report = SourceReport(spec=f"wds:{pattern}", kind="wds")
-    expanded = [_normalize_root(p) for p in braceexpand(pattern)]
+    expanded = [normalize_root(p) for p in braceexpand(pattern)]
     urls: set[str] = set()
     missing: list[str] = []
     for candidate in expanded:
@@ -578,24 +591,34 @@ def plan_wds(pattern: str) -> tuple[list[str], SourceReport]:
 
 
 class ReadImageBytes(beam.DoFn):
-    """SourceItem -> Sample with `raw` = the file's exact bytes; unreadable -> dead letter."""
+    """SourceItem -> Sample with `raw` = the file's exact bytes; unreadable -> dead letter.
 
-    def __init__(self) -> None:
+    At most `max_bytes` are read: a bigger file (a video or an archive named .jpg) is a dead
+    letter, never a worker's memory.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MEMBER_BYTES) -> None:
+        self._max_bytes = max_bytes
         self._ok = counter("read", "ok")
         self._failed = counter("read", "failed")
         self._empty = counter("read", "empty")
+        self._too_large = counter("read", "too_large")
 
     def process(self, item: SourceItem) -> Iterator[object]:
         try:
             with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                data = f.read()
+                data = f.read(self._max_bytes + 1)
         except Exception as exc:  # any filesystem error: the reason goes to the dead letter
             self._failed.inc()
-            yield dead(DeadLetter.of(item, "read", f"cannot read file: {exc}"))
+            yield dead(DeadLetter.of(item, "read", f"cannot read file: {type(exc).__name__}: {exc}"))
             return
         if not data:
             self._empty.inc()
-            yield dead(DeadLetter.of(item, "read", "file is empty"))
+            yield dead(DeadLetter.of(item, "read", "empty file: 0 bytes"))
+            return
+        if len(data) > self._max_bytes:
+            self._too_large.inc()
+            yield dead(DeadLetter.of(item, "read", f"file too large: more than {self._max_bytes} bytes"))
             return
         self._ok.inc()
         yield Sample.from_item(item, raw=data)
@@ -632,9 +655,11 @@ class ReadWdsShard(beam.DoFn):
     Members are grouped by key (base name before the first dot). Only image, txt and json
     members are used; anything else (.pyd, .pickle, .pth, ...) is never decoded. A sample
     without an image member is a dead letter. When the tar turns out corrupt, truncated or
-    unsafe, the samples already read stay, the sample in progress is emitted if its image
-    member was read completely (members are only handed over whole and size-checked), and
-    one `tar_error` dead letter names the tar and the count read before the failure.
+    unsafe, the samples completed before stay; the sample in progress is a dead letter of
+    its own (the error may have cut off its remaining members, its caption say, and does
+    not tell whether it did: a sample is never passed on possibly incomplete); and one
+    `unreadable tar` dead letter names the tar, the count read before the failure and the
+    error.
     """
 
     def __init__(self) -> None:
@@ -643,6 +668,7 @@ class ReadWdsShard(beam.DoFn):
         self._duplicates = counter("read_wds", "duplicate")
         self._bad_json = counter("read_wds", "bad_json")
         self._bad_text = counter("read_wds", "bad_text")
+        self._incomplete = counter("read_wds", "incomplete")
         self._tar_errors = counter("read_wds", "tar_error")
         self._tars = counter("read_wds", "tars")
 
@@ -662,17 +688,32 @@ class ReadWdsShard(beam.DoFn):
                     if current is None:
                         current = _TarSample(member_key)
                     current.add(ext.lower(), data)
-        except Exception as exc:  # corrupt, truncated or unsafe tar: one dead letter for the rest
-            if current is not None and current.image() is not None:
-                yield from self._emit(url, current, seen)
-                emitted += 1
+        except Exception as exc:  # corrupt, truncated or unsafe tar: dead letters for the rest
+            if current is not None:
+                self._incomplete.inc()
+                read = ", ".join(sorted(current.extensions)) or "none"
+                yield dead(
+                    DeadLetter(
+                        key=make_key("wds", current.key),
+                        source="wds",
+                        stage="read",
+                        reason=(
+                            f"incomplete tar sample: reading {url} failed in or right after sample "
+                            f"{current.key} (members read: {read}), so members of it may be missing"
+                        ),
+                        path=f"{url}#{current.key}",
+                    )
+                )
             self._tar_errors.inc()
             yield dead(
                 DeadLetter(
                     key=make_key("wds", _tar_stem(url), "tar_error"),
                     source="wds",
                     stage="read",
-                    reason=f"tar {url} unreadable after {emitted} samples: {exc}",
+                    reason=(
+                        f"unreadable tar: {url} failed after {emitted} complete sample{'' if emitted == 1 else 's'} "
+                        f"({type(exc).__name__}: {exc})"
+                    ),
                     path=url,
                 )
             )
@@ -689,17 +730,18 @@ class ReadWdsShard(beam.DoFn):
 
         if sample.key in seen:
             self._duplicates.inc()
-            yield letter(f"key {sample.key} appears twice in the tar (members not consecutive)")
+            yield letter(f"duplicate key in tar: {sample.key} appears twice in {url} (its members are not consecutive)")
             return
         seen.add(sample.key)
         if sample.duplicate is not None:
             self._duplicates.inc()
-            yield letter(f"duplicate member {sample.key}.{sample.duplicate} in tar sample")
+            yield letter(f"duplicate member: {sample.key}.{sample.duplicate} appears twice in one tar sample")
             return
         image = sample.image()
         if image is None:
             self._no_image.inc()
-            yield letter("no image member in tar sample")
+            found = ", ".join(sorted(sample.extensions)) or "nothing"
+            yield letter(f"no image member: tar sample {sample.key} has {found} but no {'/'.join(WDS_IMAGE_EXTS)}")
             return
 
         text: Optional[str] = None

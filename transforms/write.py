@@ -41,7 +41,7 @@ from PIL import Image
 
 from prep.schemas import contract
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
-from prep.transforms.common import counter
+from prep.transforms.common import counter, fault_point
 
 STAGE = "write"
 
@@ -102,6 +102,7 @@ def write_atomic(path: str, data: bytes) -> None:
     tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
     with FileSystems.create(tmp) as f:
         f.write(data)
+    fault_point("write.before_rename")
     FileSystems.rename([tmp], [path])  # os.rename locally (atomic replace); copy+delete on GCS
 
 
@@ -311,8 +312,8 @@ class _Boundaries(beam.CombineFn):
         return shard_boundaries(acc, self._n)
 
 
-def _shard_index(sample: Sample, boundaries: list[str]) -> tuple[int, Sample]:
-    return bisect.bisect_right(boundaries, sample.key) - 1, sample
+def _shard_index(sample: Sample, boundaries: list[str], first: int = 0) -> tuple[int, Sample]:
+    return first + bisect.bisect_right(boundaries, sample.key) - 1, sample
 
 
 class _WriteShard(beam.DoFn):
@@ -332,6 +333,7 @@ class _WriteShard(beam.DoFn):
         stats = shard_stats(rows, shard=name, domain=self._domain, tar_size=len(data), sha256=sha256)
         # Tar, then parquet, then stats: the stats file appears only once the shard is complete.
         write_atomic(f"{self._dir}/{name}", data)
+        fault_point("write.after_tar")
         write_atomic(f"{self._dir}/{parquet_name(name)}", parquet_bytes(rows))
         write_atomic(f"{self._dir}/{stats_name(name)}", stats_bytes(stats))
         self._shards.inc()
@@ -349,23 +351,35 @@ class _WriteShard(beam.DoFn):
 
 class WriteShards(beam.PTransform):
     """Samples of one domain -> tars (and their parquet and stats sidecars) under OUT/<domain>/;
-    outputs one ShardInfo per shard."""
+    outputs one ShardInfo per shard.
 
-    def __init__(self, out_dir: str, domain: str, samples_per_shard: int):
+    `done_keys`: keys already written in complete shards by an interrupted run (resume). They
+    take part in the shard boundaries, so the remaining samples land in exactly the shards an
+    uninterrupted run would give them, and those complete shards are not written again.
+    """
+
+    def __init__(
+        self, out_dir: str, domain: str, samples_per_shard: int, done_keys: Sequence[str] = (), first_index: int = 0
+    ):
         super().__init__()
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self._out, self._domain, self._n = out_dir, domain, samples_per_shard
+        self._done = sorted(done_keys)
+        self._first = first_index  # --retry-dead-letter appends shards after the existing ones
 
     def expand(self, samples):
-        boundaries = (
-            samples
-            | "Keys" >> beam.Map(lambda s: s.key)
-            | "ShardBoundaries" >> beam.CombineGlobally(_Boundaries(self._n))
-        )
+        keys = samples | "Keys" >> beam.Map(lambda s: s.key)
+        if self._done:
+            done = samples.pipeline | "DoneKeys" >> beam.Create(self._done)
+            keys = (keys, done) | "AllKeys" >> beam.Flatten()
+        boundaries = keys | "ShardBoundaries" >> beam.CombineGlobally(_Boundaries(self._n))
         return (
             samples
-            | "AssignShard" >> beam.Map(_shard_index, boundaries=beam.pvalue.AsSingleton(boundaries))
+            | "AssignShard"
+            >> beam.Map(_shard_index, boundaries=beam.pvalue.AsSingleton(boundaries), first=self._first).with_output_types(
+                tuple[int, Sample]
+            )
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._domain))
         )

@@ -1,0 +1,113 @@
+"""Kills and reruns: a run killed with SIGKILL mid-write, rerun, gives output byte-identical to
+an uninterrupted run; a partial run of another config is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import demo_config
+from prep.pipeline.run import OutputExists, run
+from prep.schemas.validate import validate_output
+
+
+def _cli_args(demo: dict, out: Path, tiny_cache: str) -> list[str]:
+    """The same run as conftest.demo_config, through the CLI."""
+    return [
+        sys.executable, "-m", "prep.cli", "run",
+        "--input", f"celeba:{demo['celeba_dir']}", "--input", f"wds:{demo['general_pattern']}",
+        "--preset", "tiny", "--model-cache", tiny_cache, "--out", str(out),
+        "--samples-per-shard", "7", "--refs-per-sample", "2", "--embed-batch-size", "4", "--caption-batch-size", "4",
+        "--no-progress",
+    ]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json", "_run.json")  # these name the output folder
+    }
+
+
+@pytest.mark.parametrize("fault", ["write.after_tar:2", "write.before_rename:3"])
+def test_sigkilled_run_resumes_to_byte_identical_output(fault, pipeline_run, demo, tiny_cache, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PREP_FAULT": fault}
+    proc = subprocess.run(_cli_args(demo, out, tiny_cache), env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+    left = [p.name for p in out.rglob("*") if p.is_file()]
+    assert any(n.endswith(".tar") or ".tmp-" in n for n in left), left  # it died while writing
+
+    manifest = run(demo_config(demo, str(out), tiny_cache), [])  # no --overwrite: resumes
+    if fault.startswith("write.after_tar"):
+        assert manifest["resumed"]["kept_shards"] >= 1  # the first complete shard was not redone
+    clean = Path(pipeline_run["out"])
+    assert _files(out) == _files(clean)
+    ours, theirs = json.loads((out / "manifest.json").read_text()), json.loads((clean / "manifest.json").read_text())
+    assert ours["shards"] == theirs["shards"] and ours["counts"] == theirs["counts"]
+    assert validate_output(str(out)).ok
+
+
+def test_partial_run_of_another_config_is_refused(demo, tiny_cache, tmp_path):
+    out = tmp_path / "partial"
+    env = {**os.environ, "PREP_FAULT": "write.after_tar:1"}
+    proc = subprocess.run(_cli_args(demo, out, tiny_cache), env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(OutputExists, match="different config"):
+        run(demo_config(demo, str(out), tiny_cache, refs_per_sample=3), [])
+    manifest = run(demo_config(demo, str(out), tiny_cache, refs_per_sample=3, overwrite=True), [])
+    assert manifest["reconciled"] and "resumed" not in manifest
+
+
+def test_retry_dead_letter_redoes_only_failed_inputs_and_merges_them(demo, tiny_cache, tmp_path):
+    import shutil
+
+    from test_pipeline import read_domain
+
+    celeba = tmp_path / "celeba"
+    shutil.copytree(demo["celeba_dir"], celeba)
+    images = sorted((celeba / "img_align_celeba").glob("*.jpg"))
+    broken = {p: p.read_bytes() for p in images[:2]}  # two "half-downloaded" files
+    for path in broken:
+        path.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    out = tmp_path / "out"
+
+    def config(**kw):
+        return demo_config(demo, str(out), tiny_cache, inputs=[f"celeba:{celeba}", f"wds:{demo['general_pattern']}"], **kw)
+
+    first = run(config(), [])
+    assert first["counts"]["dead_lettered"] == 2 + demo["corrupt"]
+    shards_before = {(s["split"], s["domain"], s["name"]): s["sha256"] for s in first["shards"]}
+
+    for path, data in broken.items():  # re-downloaded
+        path.write_bytes(data)
+    with pytest.raises(OutputExists, match="retry-dead-letter"):
+        run(config(), [])
+    second = run(config(), [], retry_dead_letter=True)
+    assert second["retried"] == 2 + demo["corrupt"]
+    assert second["counts"]["inputs"] == first["counts"]["inputs"]
+    assert second["counts"]["dead_lettered"] == demo["corrupt"]  # the really corrupt one stays dead
+    assert second["counts"]["specific"] == first["counts"]["specific"] + 2
+    assert second["reconciled"]
+    after = {(s["split"], s["domain"], s["name"]): s["sha256"] for s in second["shards"]}
+    assert all(after[k] == v for k, v in shards_before.items())  # existing shards untouched
+    assert len(after) > len(shards_before)  # the retried samples are in new shards
+    dead = [json.loads(l) for l in (out / "dead_letter" / "000000.jsonl").read_text().splitlines()]
+    assert len(dead) == demo["corrupt"]
+    retried_keys = {f"celeba_{p.stem}" for p in broken}
+    found = {}
+    for folder in (out, out / "val", out / "test"):
+        found.update(read_domain(str(folder), "specific"))
+    assert retried_keys <= set(found)
+    for key in retried_keys:
+        for ref in found[key]["json"]["ref_keys"]:
+            assert found[ref]["json"]["identity"] == found[key]["json"]["identity"]
+    assert validate_output(str(out)).ok, validate_output(str(out)).problems
