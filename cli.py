@@ -19,6 +19,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 log = logging.getLogger("prep")
 
 
+def _register_subcommands() -> None:
+    from prep.trainer.cli import register  # imports only typer: `prep --help` stays fast
+
+    register(app)
+
+
 class _DropImportNoise(logging.Filter):
     """Beam warns at import that optional GCP client libraries are absent; that is expected."""
 
@@ -174,6 +180,9 @@ def demo_data_cmd(
         general_shards=general_shards, general_per_shard=general_per_shard, seed=seed, corrupt=corrupt,
     )
     typer.echo(json.dumps(info, indent=1))
+
+
+_register_subcommands()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
