@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -87,7 +87,7 @@ class IsolatedRun:
     returncode: int
 
 
-def run_isolated(module: str, args: Sequence[str], *, env: Optional[dict] = None) -> IsolatedRun:
+def run_isolated(module: str, args: Sequence[str], *, env: dict | None = None) -> IsolatedRun:
     """Run `python -m module *args` in a fresh process from the repository root.
 
     The child must print its result as one JSON object on the last line of stdout; its stderr

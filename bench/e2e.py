@@ -15,7 +15,10 @@ are built once beforehand (not timed). Prints one JSON line per scale:
 multi-process runner); `peak_tree_rss_mb` is the sampled peak of all its processes together;
 `base_rss_mb` is the process's RSS after imports, before `run()`. With two or more scales it
 then prints how RSS grew against the data (`rss_ratio` vs `data_ratio`; the target is
-rss_ratio <= 1.2 for 10x data).
+rss_ratio <= 1.2 for 10x data) and the slope, `kb_per_extra_image`.
+
+Exits non-zero if a run's manifest is not reconciled (inputs != written + dead-lettered): Beam's
+local multi_threading mode lost elements in some of our larger runs (see bench.pairing).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bench.common import current_rss_mb, emit, peak_rss_mb, quiet_beam_logging, run_isolated
 
@@ -48,10 +51,9 @@ def make_data(root: Path, args, scale: int) -> dict:
 
 def worker(spec: dict) -> None:
     """Runs one `run()` from a JSON spec; prints the measurements as the last stdout line."""
+    import torch  # noqa: F401  (imported by the model stages anyway: count it in the base)
     from prep.pipeline.config import RunConfig
     from prep.pipeline.run import run
-
-    import torch  # noqa: F401  (imported by the model stages anyway: count it in the base)
 
     base = current_rss_mb()
     config = RunConfig(**spec["config"])
@@ -67,7 +69,7 @@ def worker(spec: dict) -> None:
     })
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--identities", type=int, default=20)
     parser.add_argument("--images-per-identity", type=int, default=10)
@@ -142,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     if len(lines) >= 2:
         emit(compare(lines[0], lines[-1]))
-    return 0
+    return 0 if all(line["reconciled"] for line in lines) else 1
 
 
 def compare(first: dict, last: dict) -> dict:

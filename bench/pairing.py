@@ -13,6 +13,8 @@ Variants, each in a fresh process so that their peak RSS are separate:
          refs gathered by fancy indexing. The floor for this work on one core.
   beam   `prep.transforms.pair.PairByIdentity` on Beam's in-memory FnApiRunner, fed minimal
          `Sample`s (key, source, domain, path, identity, embedding) made inside the pipeline.
+         (`--direct-running-mode multi_threading` is there to compare; at this size it lost
+         or garbled elements in some runs, which `complete` / `identical` then report.)
 
 Both variants reduce every output to the same summary: the count, an order-independent
 digest over all (key, ref_keys, refs bytes), and, for a deterministic sample of keys (about
@@ -29,8 +31,8 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -47,7 +49,7 @@ VARIANTS = ("numpy", "beam")
 # --------------------------------------------------------------------------------------
 
 
-def load_rows(identity_file: str, limit: Optional[int]) -> list[tuple[str, str]]:
+def load_rows(identity_file: str, limit: int | None) -> list[tuple[str, str]]:
     """[(image file name, identity id)] in the file's order, the first `limit` if given."""
     from prep.transforms.sources import read_identity_file
 
@@ -128,7 +130,7 @@ class Summary:
         if is_checked(key, self.every):
             self.checked[key] = [list(ref_keys), refs_hash(refs).hex()]
 
-    def merge(self, other: "Summary") -> "Summary":
+    def merge(self, other: Summary) -> Summary:
         self.count += other.count
         self.digest = (self.digest + other.digest) & _MASK64
         self.without_refs += other.without_refs
@@ -204,8 +206,12 @@ def _summary_combine_fn(every: int):
         def create_accumulator(self):
             return Summary(every)
 
-        def add_input(self, acc, sample):
-            acc.add(sample.key, sample.ref_keys, sample.refs)
+        def add_input(self, acc, entry):
+            if isinstance(entry, tuple):  # (key, Refs): the current PairByIdentity
+                key, refs = entry
+                acc.add(key, refs.ref_keys, refs.refs)
+            else:  # a Sample with refs attached (earlier versions, via --pair-impl)
+                acc.add(entry.key, entry.ref_keys, entry.refs)
             return acc
 
         def merge_accumulators(self, accs):
@@ -228,7 +234,7 @@ def _write_json(value, path: str) -> None:
         json.dump(value, f)
 
 
-def load_pair_transform(path: Optional[str]):
+def load_pair_transform(path: str | None):
     """`PairByIdentity` from prep.transforms.pair, or from another file (to compare versions)."""
     if not path:
         from prep.transforms.pair import PairByIdentity
@@ -282,7 +288,7 @@ def worker(args) -> None:
     rows = load_rows(args.identity_file, args.limit)
     rss_before = current_rss_mb()
     result = (run_numpy if args.worker == "numpy" else run_beam)(rows, args)
-    result.update(variant=args.worker, rss_before_mb=round(rss_before, 1), peak_rss_mb_self=peak_rss_mb())
+    result.update(variant=args.worker, inputs=len(rows), rss_before_mb=round(rss_before, 1), peak_rss_mb_self=peak_rss_mb())
     emit(result)
 
 
@@ -298,7 +304,7 @@ def compare(numpy_summary: dict, beam_summary: dict) -> dict:
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pairing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--identity-file", default=str(DEFAULT_IDENTITY_FILE))
     parser.add_argument("--dim", type=int, default=768, help="embedding size (768: ViT-L-14)")
@@ -336,6 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line = {
             "variant": variant + ("" if variant == "numpy" else f"[{args.direct_running_mode}x{args.direct_num_workers}]"),
             "samples": r["summary"]["count"],
+            "complete": r["summary"]["count"] == r["inputs"],
             "without_refs": r["summary"]["without_refs"],
             "dim": args.dim,
             "k": args.k,
@@ -348,6 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "inputs_seconds" in r:
             line["inputs_seconds"] = round(r["inputs_seconds"], 2)
         emit(line)
+    if not all(r["summary"]["count"] == r["inputs"] for r in results.values()):
+        return 1  # a variant lost or duplicated samples (seen with --direct-running-mode multi_threading)
     if "numpy" in results and "beam" in results:
         n, b = results["numpy"], results["beam"]
         check = compare(n["summary"], b["summary"])

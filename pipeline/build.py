@@ -188,6 +188,10 @@ def _by_domain(sample: Sample, _n: int) -> int:
     return 0 if sample.domain == SPECIFIC else 1
 
 
+def _refs_by_split(entry, _n: int) -> int:
+    return SPLITS.index(entry[1].split or TRAIN)
+
+
 def _key_in(record, keys: frozenset[str]) -> bool:
     return record.key in keys
 
@@ -263,26 +267,27 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     letters.append(failed)
     specific, failed = specific | "Embed" >> ModelStage(plan.embed)
     letters.append(failed)
-    specific = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific)
+    refs = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific)
 
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
 
     # Write shards (whole identities per split), dead letters and the manifest.
     by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
+    refs_by_split = refs | "SplitRefsBySplit" >> beam.Partition(_refs_by_split, len(SPLITS))
     done, first = resume.keys, resume.first_index
     written = [
         general.ok | "WriteGeneral" >> WriteShards(
             out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0)
         )
     ]
-    for split, part in zip(SPLITS, by_split):
+    for split, part, part_refs in zip(SPLITS, by_split, refs_by_split):
         if split != TRAIN and not any(i.split == split for i in plan.items):
             continue
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
         infos = part | label >> WriteShards(
             split_dir(out, split), SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
-            first.get((split, SPECIFIC), 0),
+            first.get((split, SPECIFIC), 0), refs=part_refs,
         )
         if split != TRAIN:
             infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)

@@ -2,35 +2,34 @@
 identity. Each sample gets up to K refs (their keys and embeddings), chosen deterministically
 from the seed; singletons get none.
 
-Shape: one GroupByKey of the samples by identity (a `str` key, so a deterministic coder),
-then one DoFn that reads each group twice: a first pass collects only (key, embedding) of the
-members, a second pass streams the samples out with their refs attached. The refs (K x D
-floats per sample, four times the embedding) are made after the shuffle and never cross one,
-and no second, by-key join is needed. At CelebA scale (202,599 samples, D=768, K=4) this
-shuffles about 5x fewer bytes than grouping small records by identity and joining the refs
-back by key, and runs about 8x faster on the in-memory runner (`python -m bench.pairing`).
+Shape: small records (key, embedding, split) are grouped by identity (a `str` key, so a
+deterministic coder) and each group yields the chosen refs per key; image bytes are never
+grouped by identity. The refs are not joined back to the samples here: they travel to the
+shard writer, which groups samples by shard index anyway and attaches each sample's refs there
+(`WriteShards(refs=...)`). So the samples cross one shuffle in all (the writer's), the K x D
+ref arrays one, and the small records one. Two earlier shapes each shuffled the samples twice:
+joining the refs back by key (plus the write), and grouping whole samples by identity (which
+also puts every image of a huge identity through one worker).
 
-Memory per group: on Dataflow (runner v2) a large grouped iterable is state-backed and read
-in pages, and reading it a second time reads it again, so a worker holds the group's
-(key, embedding) pairs, not its images. The in-memory runners materialise groups; CelebA's
-largest identity has 35 images. A single huge identity (e.g. a `folder:` class of millions of
-images) is one straggler key here, as it was for the by-identity grouping of small records.
+Memory per group: a group holds its members' (key, embedding) pairs: CelebA's largest identity
+has 35 images; a single huge identity (a `folder:` class of millions of images) is one
+straggler key holding ~3 KB per image (D=768), never its images.
 
 Choosing refs costs O(K) per member after one sort per group (`_GroupRefs`), not a sort of
 the whole group per member, and picks exactly what `choose_refs` picks.
 
-Resumed runs: `done` names the members already written to complete shards, as
+Resumed and retried runs: `done` names the members already written to complete shards, as
 (key, identity, embedding). They join their identity groups as candidate refs, so every new
-sample gets exactly the refs an uninterrupted run gives it, and are not output again.
+sample gets exactly the refs an uninterrupted run gives it, and get no refs themselves.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence as _SequenceABC
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Optional
 
 import apache_beam as beam
 import numpy as np
@@ -52,7 +51,7 @@ def choose_refs(key: str, group_keys: list[str], k: int, seed: int) -> list[str]
     return chosen
 
 
-class _AllBut(_SequenceABC):
+class _AllBut(Sequence):
     """The sorted keys of a group without the one at `skip`, as a view (O(1) per item).
 
     `random.Random.sample` only takes `len()` and indexes, so sampling this view picks the
@@ -98,7 +97,8 @@ class _GroupRefs:
     def __len__(self) -> int:
         return len(self._sorted)
 
-    def keys(self) -> Iterator[str]:
+    def members(self) -> Iterator[str]:
+        """The keys in the order they were given."""
         return iter(self._embeddings)
 
     def ref_keys(self, key: str) -> list[str]:
@@ -118,31 +118,43 @@ class _GroupRefs:
 def refs_for_identity(members: Iterable[tuple[str, np.ndarray]], k: int, seed: int, dim: int):
     """All (key, (ref_keys, refs[K, D])) of one identity group, in the members' order."""
     group = _GroupRefs(members, k, seed, dim)
-    for key in group.keys():
+    for key in group.members():
         yield key, group.refs(key)
 
 
 @dataclass(frozen=True)
-class _Written:
-    """A member already in a complete shard (resumed run): a candidate ref, not an output."""
+class Member:
+    """What pairing groups by identity: a key, its embedding and its split, never image bytes.
+    `written`: already in a complete shard (resume / retry): a candidate ref, not an output."""
 
     key: str
     embedding: np.ndarray
+    split: Optional[str] = None
+    written: bool = False
 
 
-def _by_identity(sample: Sample) -> tuple[str, Sample]:
+@dataclass(frozen=True)
+class Refs:
+    """The refs chosen for one sample: joined to it by key where its shard is written."""
+
+    ref_keys: tuple[str, ...]
+    refs: np.ndarray  # float32 [K, D]
+    split: Optional[str] = None
+
+
+def _member(sample: Sample) -> tuple[str, Member]:
     if sample.identity is None:
         raise ValueError(f"sample {sample.key!r} reached pairing without an identity")
-    return sample.identity, sample
+    return sample.identity, Member(sample.key, sample.embedding, sample.split)
 
 
-def _written_by_identity(entry: tuple[str, str, np.ndarray]) -> tuple[str, _Written]:
+def _written_member(entry: tuple[str, str, np.ndarray]) -> tuple[str, Member]:
     key, identity, embedding = entry
-    return str(identity), _Written(key, embedding)
+    return str(identity), Member(key, embedding, written=True)
 
 
-class _AttachRefs(beam.DoFn):
-    """(identity, samples) -> each sample with its refs; reads the group twice (see module doc)."""
+class _PickRefs(beam.DoFn):
+    """(identity, members) -> (key, Refs) for each member that is not already written."""
 
     def __init__(self, k: int, seed: int, dim: int):
         self._k, self._seed, self._dim = k, seed, dim
@@ -150,47 +162,57 @@ class _AttachRefs(beam.DoFn):
         self._groups = counter(STAGE, "identities")
         self._group_size = Metrics.distribution(METRICS_NAMESPACE, f"{STAGE}.group_size")
 
-    def process(self, element: tuple[str, Iterable[Union[Sample, _Written]]]) -> Iterator[Sample]:
+    def process(self, element: tuple[str, Iterable[Member]]) -> Iterator[tuple[str, Refs]]:
         _identity, members = element
+        members = list(members)  # small records: keys and embeddings only
         group = _GroupRefs(((m.key, m.embedding) for m in members), self._k, self._seed, self._dim)
         self._groups.inc()
         self._group_size.update(len(group))
         if len(group) == 1:
             self._singletons.inc()
         for member in members:
-            if isinstance(member, Sample):
+            if not member.written:
                 ref_keys, refs = group.refs(member.key)
-                yield member.with_(ref_keys=ref_keys, refs=refs)
+                yield member.key, Refs(ref_keys, refs, member.split)
 
 
 class PairByIdentity(beam.PTransform):
-    """Samples with embeddings -> the same samples with `ref_keys` and `refs` filled.
+    """Samples with embeddings -> (key, Refs) for every sample: up to K same-identity refs.
 
-    `done`: members already written, (key, identity, embedding), as a list (made into a
-    `Create`: it lands in the job graph, fine for thousands) or as a PCollection (read on the
-    workers, e.g. from the complete shards' sidecars: what a large resumed run needs).
+    Only small records (key, embedding, split) are grouped by identity; image bytes never
+    are, so a huge identity costs one worker its embeddings, not its images. The Refs are
+    joined to their samples by key in the shard writer's own grouping (`WriteShards(refs=)`),
+    so the samples cross one shuffle in all, and the K x D ref arrays one.
+
+    `done`: (key, identity, embedding) of samples already in complete shards (resume, retry):
+    they count as candidate refs exactly as in one uninterrupted run, and get no Refs.
     """
 
-    def __init__(self, refs_per_sample: int, seed: int, dim: int, done=()):
+    def __init__(self, refs_per_sample: int, seed: int, dim: int, done: Sequence[tuple[str, str, np.ndarray]] = ()):
         super().__init__()
         if refs_per_sample < 0:
             raise ValueError("refs_per_sample must be >= 0")
         self._k, self._seed, self._dim = refs_per_sample, seed, dim
-        self._done = done if isinstance(done, beam.PCollection) else list(done)
+        self._done = list(done)
 
     def expand(self, samples):
-        keyed = samples | "KeyByIdentity" >> beam.Map(_by_identity).with_output_types(tuple[str, Sample])
-        if isinstance(self._done, beam.PCollection) or self._done:
-            done = self._done
-            if not isinstance(done, beam.PCollection):
-                done = samples.pipeline | "ListWritten" >> beam.Create(done)
-            written = done | "KeyWrittenByIdentity" >> beam.Map(_written_by_identity).with_output_types(tuple[str, _Written])
-            keyed = (keyed, written) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, Union[Sample, _Written]])
+        members = samples | "KeyByIdentity" >> beam.Map(_member).with_output_types(tuple[str, Member])
+        if self._done:
+            written = (
+                samples.pipeline
+                | "ListWritten" >> beam.Create(self._done)
+                | "KeyWrittenByIdentity" >> beam.Map(_written_member).with_output_types(tuple[str, Member])
+            )
+            members = (members, written) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, Member])
         return (
-            keyed
+            members
             | "GroupByIdentity" >> beam.GroupByKey()
-            | "AttachRefs" >> beam.ParDo(_AttachRefs(self._k, self._seed, self._dim)).with_output_types(Sample)
+            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim)).with_output_types(tuple[str, Refs])
         )
+
+
+def attach_refs(sample: Sample, refs: Refs) -> Sample:
+    return sample.with_(ref_keys=refs.ref_keys, refs=refs.refs)
 
 
 def null_refs(sample: Sample, dim: int) -> Sample:

@@ -42,6 +42,7 @@ from PIL import Image
 from prep.schemas import contract
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
 from prep.transforms.common import counter, fault_point
+from prep.transforms.pair import Refs, attach_refs
 
 STAGE = "write"
 
@@ -316,6 +317,10 @@ def _shard_index(sample: Sample, boundaries: list[str], first: int = 0) -> tuple
     return first + bisect.bisect_right(boundaries, sample.key) - 1, sample
 
 
+def _refs_shard_index(entry: tuple[str, Refs], boundaries: list[str], first: int = 0) -> tuple[int, tuple[str, Refs]]:
+    return first + bisect.bisect_right(boundaries, entry[0]) - 1, entry
+
+
 class _WriteShard(beam.DoFn):
     def __init__(self, out_dir: str, domain: str):
         self._dir = f"{out_dir.rstrip('/')}/{domain}"
@@ -324,7 +329,14 @@ class _WriteShard(beam.DoFn):
         self._samples = counter(STAGE, f"{domain}_samples")
 
     def process(self, element):
-        index, samples = element
+        index, grouped = element
+        samples = list(grouped["samples"])
+        refs = dict(grouped["refs"])
+        if refs:  # specific samples: attach the refs chosen by pairing (joined here, by key)
+            missing = [s.key for s in samples if s.key not in refs]
+            if missing or len(refs) != len(samples):
+                raise ValueError(f"shard {index}: refs missing for {missing[:3]} or refs without samples")
+            samples = [attach_refs(s, refs[s.key]) for s in samples]
         samples = sorted(samples, key=lambda s: s.key)
         data = tar_bytes(samples)
         name = contract.shard_name(index)
@@ -353,13 +365,22 @@ class WriteShards(beam.PTransform):
     """Samples of one domain -> tars (and their parquet and stats sidecars) under OUT/<domain>/;
     outputs one ShardInfo per shard.
 
+    `refs`: (key, Refs) from PairByIdentity; each sample's refs are attached where its shard is
+    written (the samples are grouped by shard here anyway: no extra shuffle of samples).
+
     `done_keys`: keys already written in complete shards by an interrupted run (resume). They
     take part in the shard boundaries, so the remaining samples land in exactly the shards an
     uninterrupted run would give them, and those complete shards are not written again.
     """
 
     def __init__(
-        self, out_dir: str, domain: str, samples_per_shard: int, done_keys: Sequence[str] = (), first_index: int = 0
+        self,
+        out_dir: str,
+        domain: str,
+        samples_per_shard: int,
+        done_keys: Sequence[str] = (),
+        first_index: int = 0,
+        refs=None,
     ):
         super().__init__()
         if samples_per_shard < 1:
@@ -367,19 +388,25 @@ class WriteShards(beam.PTransform):
         self._out, self._domain, self._n = out_dir, domain, samples_per_shard
         self._done = sorted(done_keys)
         self._first = first_index  # --retry-dead-letter appends shards after the existing ones
+        self._refs = refs  # PCollection of (key, Refs) from PairByIdentity, or None (samples carry theirs)
 
     def expand(self, samples):
         keys = samples | "Keys" >> beam.Map(lambda s: s.key)
         if self._done:
             done = samples.pipeline | "DoneKeys" >> beam.Create(self._done)
             keys = (keys, done) | "AllKeys" >> beam.Flatten()
-        boundaries = keys | "ShardBoundaries" >> beam.CombineGlobally(_Boundaries(self._n))
-        return (
-            samples
+        boundaries = beam.pvalue.AsSingleton(keys | "ShardBoundaries" >> beam.CombineGlobally(_Boundaries(self._n)))
+        by_shard = {
+            "samples": samples
             | "AssignShard"
-            >> beam.Map(_shard_index, boundaries=beam.pvalue.AsSingleton(boundaries), first=self._first).with_output_types(
-                tuple[int, Sample]
-            )
-            | "GroupByShard" >> beam.GroupByKey()
+            >> beam.Map(_shard_index, boundaries=boundaries, first=self._first).with_output_types(tuple[int, Sample]),
+            "refs": (self._refs if self._refs is not None else samples.pipeline | "NoRefs" >> beam.Create([]))
+            | "AssignRefsShard" >> beam.Map(_refs_shard_index, boundaries=boundaries, first=self._first).with_output_types(
+                tuple[int, tuple[str, Refs]]
+            ),
+        }
+        return (
+            by_shard
+            | "GroupByShard" >> beam.CoGroupByKey()
             | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._domain))
         )
