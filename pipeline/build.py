@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,7 +31,7 @@ from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
 from prep.transforms.inference import ModelStage
 from prep.transforms.mask import MaskHandler
 from prep.transforms.pair import PairByIdentity, null_refs
-from prep.transforms.write import WriteShards
+from prep.transforms.write import WriteShards, write_atomic
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RunPlan:
     reports: list[SourceReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dim: int = 0
+    items_pattern: Optional[str] = None  # set by stage_items(): the items are read from files
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
     embed: Optional[EmbedHandler] = None
@@ -139,6 +141,36 @@ def plan_run(config: RunConfig) -> RunPlan:
     return plan
 
 
+INLINE_ITEMS = 10_000  # above this, the planned items go to files, not into the job graph
+ITEMS_PER_FILE = 50_000
+PLAN_DIR = "_plan"
+
+
+def _item_line(item: SourceItem) -> str:
+    return json.dumps(dataclasses.asdict(item), sort_keys=True, ensure_ascii=False)
+
+
+def _parse_item(line: str) -> SourceItem:
+    return SourceItem(**json.loads(line))
+
+
+def stage_items(plan: RunPlan, out: str, inline_limit: Optional[int] = None) -> None:
+    """Write the planned items as JSON lines under OUT/_plan/ when there are many.
+
+    `beam.Create` embeds its elements in the job graph: at CelebA scale that is ~7 MB of
+    Dataflow's 10 MB limit. From files, the workers read the items and the graph stays small.
+    """
+    if len(plan.items) <= (INLINE_ITEMS if inline_limit is None else inline_limit):
+        plan.items_pattern = None
+        return
+    base = f"{out.rstrip('/')}/{PLAN_DIR}"
+    ordered = sorted(plan.items, key=lambda i: i.key)
+    for n, start in enumerate(range(0, len(ordered), ITEMS_PER_FILE)):
+        lines = "".join(_item_line(i) + "\n" for i in ordered[start:start + ITEMS_PER_FILE])
+        write_atomic(f"{base}/items-{n:05d}.jsonl", lines.encode("utf-8"))
+    plan.items_pattern = f"{base}/items-*.jsonl"
+
+
 class _DropDuplicateKeys(beam.DoFn):
     """Keeps, for a key produced twice (two sources, two tars), the input with the smallest path."""
 
@@ -227,8 +259,15 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
 
     # Ingest: small items fan out before the bytes are read.
     only = resume.only_keys
-    to_read = plan.items if only is None else [i for i in plan.items if i.key in only]
-    items = p | "ListImages" >> beam.Create(to_read) | "FanOutImages" >> beam.Reshuffle()
+    if plan.items_pattern and only is None:
+        listed = (
+            p
+            | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
+            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
+        )
+    else:
+        listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
+    items = listed | "FanOutImages" >> beam.Reshuffle()
     images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
     tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
     pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
@@ -318,7 +357,7 @@ def clear_output(out: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     base = out.rstrip("/")
-    paths = [f"{base}/{n}" for n in ("manifest.json", RUN_STATE, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
+    paths = [f"{base}/{n}" for n in ("manifest.json", RUN_STATE, PLAN_DIR, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
     existing = [p for p in paths if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)

@@ -10,7 +10,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run
+from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
 from prep.pipeline.resume import read_run_state, run_digest, scan_completed, scan_for_retry, write_run_state
 from prep.schemas import contract
@@ -87,6 +87,7 @@ def run(
         log.warning("resuming %s: %d complete shard(s) kept (%d samples), %d partial file(s) removed",
                     out, len(resume.shards), len(resume.done_keys), len(resume.removed))
     write_run_state(out, digest, config.to_json())
+    stage_items(plan, out)
     for report in plan.reports:
         for warning in report.warnings:
             log.warning("%s: %s", report.spec, warning)

@@ -513,3 +513,16 @@ def test_untyped_key_and_automatic_label_are_caught():
 
 if __name__ == "__main__":
     print(json.dumps(check_payloads(pickle.loads(Path(sys.argv[1]).read_bytes()))))
+
+
+def test_items_from_files_keep_the_graph_small_at_any_scale(plan):
+    """Above INLINE_ITEMS, run() stages the items in OUT/_plan/ and the graph reads them there."""
+    from prep.pipeline.build import build_pipeline
+
+    def graph_bytes(pattern):
+        staged = dataclasses.replace(plan, items_pattern=pattern)
+        report = check_graph(lambda p: build_pipeline(p, staged), fresh_process=False)
+        assert report.ok, report.problems
+        return report.graph_bytes
+
+    assert graph_bytes("gs://b/out/_plan/items-*.jsonl") < JOB_GRAPH_LIMIT / 20

@@ -214,3 +214,18 @@ def test_folder_source_and_max_side(tmp_path, tiny_cache, tiny):
         assert s["txt"] == s["json"]["caption_vlm"]
         assert len(s["json"]["ref_keys"]) == 1
     assert validate_output(out).ok
+
+
+def test_items_staged_in_files_give_the_same_shards(pipeline_run, demo, tiny_cache, tmp_path, monkeypatch):
+    """A plan too large to inline reads its items from OUT/_plan/*.jsonl: same output."""
+    import prep.pipeline.build as build
+
+    monkeypatch.setattr(build, "INLINE_ITEMS", 3)
+    out = tmp_path / "staged"
+    run(demo_config(demo, str(out), tiny_cache), [])
+    assert sorted(p.name for p in (out / "_plan").iterdir()) == ["items-00000.jsonl"]
+    first = pipeline_run["out"]
+    for tar in sorted(glob.glob(os.path.join(first, "**", "*.tar"), recursive=True)):
+        rel = os.path.relpath(tar, first)
+        assert open(tar, "rb").read() == open(os.path.join(out, rel), "rb").read(), rel
+    assert validate_output(str(out)).ok
