@@ -5,11 +5,14 @@ same batch size, in one process:
   (a) plain:    a plain batched loop that decodes, preprocesses and calls the model directly;
   (b) pipeline: the stage as the pipeline runs it (ModelStage = RunInference + dead-letter
                 routing) on Beam's in-memory runner, fed the same Samples.
-Model loading is excluded from both (timed separately and subtracted for the pipeline).
+Each variant runs in a fresh process (torch work on a process's main thread slows torch on its
+other threads, where Beam runs bundles, by up to 2x on 2 cores). Model loading is excluded
+from both (RunInference's own load-time metric is subtracted for the pipeline); Beam's fixed
+start-up (~0.7 s: graph translation, runner set-up) is included and amortises with --images.
 Prints one JSON line per stage:
   {"stage", "model", "batch", "images", "plain_ips", "pipeline_ips", "ratio", ...}
 
-    python -m bench.stages                     # offline models, ~1-2 min on 2 CPU cores
+    python -m bench.stages                     # offline models, under 2 min on 2 CPU cores
     python -m bench.stages --real --device cuda --images 2048   # the paper's real models on a GPU
 """
 
@@ -74,9 +77,13 @@ def make_samples(n: int, work: str):
     from prep.transforms.mask import mask_png
 
     per_identity = 8
-    info = write_demo_data(os.path.join(work, "demo"), identities=max(1, -(-n // per_identity)),
-                           images_per_identity=per_identity, general_shards=0)
-    paths = sorted(glob.glob(os.path.join(info["celeba_dir"], "img_align_celeba", "*.jpg")))[:n]
+    celeba = os.path.join(work, "demo", "celeba")
+    paths = sorted(glob.glob(os.path.join(celeba, "img_align_celeba", "*.jpg")))
+    if len(paths) < n:  # made once per work folder; every variant's process reads the same images
+        info = write_demo_data(os.path.join(work, "demo"), identities=max(1, -(-n // per_identity)),
+                               images_per_identity=per_identity, general_shards=0, overwrite=True)
+        paths = sorted(glob.glob(os.path.join(info["celeba_dir"], "img_align_celeba", "*.jpg")))
+    paths = paths[:n]
     samples = []
     for i, path in enumerate(paths):
         jpeg, w, h = decode_image(Path(path).read_bytes())
@@ -153,7 +160,8 @@ def pipeline_stage(handler, samples):
 
     start = time.perf_counter()
     p = beam.Pipeline(runner=FnApiRunner())
-    _ = p | "Samples" >> beam.Create(samples) | "Stage" >> ModelStage(handler)
+    # reshuffle=False: measure the stage, not a shuffle of the inputs that Create adds by default
+    _ = p | "Samples" >> beam.Create(samples, reshuffle=False) | "Stage" >> ModelStage(handler)
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - start
@@ -165,10 +173,40 @@ def pipeline_stage(handler, samples):
     return wall - load_s, n, wall, load_s
 
 
+def make_handler(stage: str, models: dict, args):
+    from prep.transforms.caption import CaptionHandler
+    from prep.transforms.embed import EmbedHandler
+    from prep.transforms.mask import MaskHandler
+
+    if stage == "embed":
+        model = models["embed"]
+        handler = EmbedHandler(model[0], model[1], device=args.device, max_batch_size=args.embed_batch)
+        return handler, plain_embed, args.embed_batch, f"{model[0]}/{model[1] or 'random'}"
+    if stage == "mask":
+        handler = MaskHandler(models["mask"], device=args.device, max_batch_size=args.mask_batch)
+        return handler, plain_mask, args.mask_batch, models["mask"]
+    if stage == "caption":
+        handler = CaptionHandler(models["caption"], max_new_tokens=20, device=args.device, max_batch_size=args.caption_batch)
+        return handler, plain_caption, args.caption_batch, models["caption"]
+    raise SystemExit(f"unknown stage {stage!r}")
+
+
+def run_variant(args, models: dict) -> dict:
+    """One (stage, variant) measurement, in this (fresh) process."""
+    stage, variant = args.child.split(":")
+    samples = make_samples(args.images, args.work)
+    handler, plain, batch, _ = make_handler(stage, models, args)
+    if variant == "plain":
+        seconds, n = plain(handler, samples, batch)
+        return {"seconds": seconds, "n": n}
+    seconds, n, wall, load_s = pipeline_stage(handler, samples)
+    return {"seconds": seconds, "n": n, "wall": wall, "load": load_s}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=None,
-                        help="images per stage (default: embed 384, caption 384, mask 96: ~2 min on 2 cores)")
+                        help="images per stage (default: embed 384, caption 256, mask 64: ~2 min on 2 cores)")
     parser.add_argument("--stages", default="embed,mask,caption")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--real", action="store_true", help="the paper preset's real models (needs them cached)")
@@ -176,50 +214,52 @@ def main(argv=None) -> None:
     parser.add_argument("--caption-batch", type=int, default=8)
     parser.add_argument("--mask-batch", type=int, default=8)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # STAGE:plain|pipeline
+    parser.add_argument("--models", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    import torch
+    if args.child:
+        print("RESULT " + json.dumps(run_variant(args, json.loads(args.models))), flush=True)
+        return
 
-    from prep.transforms.caption import CaptionHandler
-    from prep.transforms.embed import EmbedHandler
-    from prep.transforms.mask import MaskHandler
+    import subprocess
+    import sys
+
     from prep.models.tiny import ensure_tiny_models
 
     work = args.work or tempfile.mkdtemp(prefix="prep-bench-")
-    defaults = {"embed": 384, "caption": 384, "mask": 96}
-    all_samples = make_samples(args.images or max(defaults.values()), work)
+    defaults = {"embed": 384, "caption": 256, "mask": 64}
     if args.real:
         models = {"caption": "Salesforce/blip2-opt-2.7b", "embed": ("ViT-L-14", "openai"), "mask": "u2net"}
     else:
         mask = str(SHARED_U2NETP) if SHARED_U2NETP.is_file() else ensure_tiny_models(os.path.join(work, "tiny")).mask_onnx
-        models = {"caption": build_small_blip(os.path.join(work, "small-blip")), "embed": ("ViT-B-32", None), "mask": mask}
+        blip = os.path.join(work, "small-blip")
+        # Built in a child: torch work on this process's main thread is not wanted (see below).
+        subprocess.run([sys.executable, "-c", f"from bench.stages import build_small_blip; build_small_blip({blip!r})"],
+                       check=True)
+        models = {"caption": blip, "embed": ("ViT-B-32", None), "mask": mask}
+    make_samples(args.images or max(defaults.values()), work)
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        samples = all_samples[: args.images or defaults.get(stage, 64)]
-        if stage == "embed":
-            batch, model = args.embed_batch, models["embed"]
-            handler = EmbedHandler(model[0], model[1], device=args.device, max_batch_size=batch)
-            plain = plain_embed
-            label = f"{model[0]}/{model[1] or 'random'}"
-        elif stage == "mask":
-            batch, label = args.mask_batch, models["mask"]
-            handler = MaskHandler(models["mask"], device=args.device, max_batch_size=batch)
-            plain = plain_mask
-        elif stage == "caption":
-            batch, label = args.caption_batch, models["caption"]
-            handler = CaptionHandler(models["caption"], max_new_tokens=20, device=args.device, max_batch_size=batch)
-            plain = plain_caption
-        else:
-            raise SystemExit(f"unknown stage {stage!r}")
-        plain_s, plain_n = plain(handler, samples, batch)
-        pipe_s, pipe_n, wall, load_s = pipeline_stage(handler, samples)
-        if pipe_n != len(samples) or plain_n != len(samples):
-            raise SystemExit(f"{stage}: lost images (plain {plain_n}, pipeline {pipe_n} of {len(samples)})")
-        plain_ips, pipe_ips = plain_n / plain_s, pipe_n / pipe_s
+        n = args.images or defaults.get(stage, 64)
+        # Each variant in a fresh process: torch ops that ran on a process's main thread slow
+        # down torch on its other threads (where Beam runs bundles) by up to 2x on 2 cores
+        # (OpenMP thread teams compete), so one process for both would bias the comparison.
+        results = {}
+        for variant in ("plain", "pipeline"):
+            cmd = [sys.executable, "-m", "bench.stages", "--child", f"{stage}:{variant}", "--models", json.dumps(models),
+                   "--images", str(n), "--work", work, "--device", args.device, "--embed-batch", str(args.embed_batch),
+                   "--caption-batch", str(args.caption_batch), "--mask-batch", str(args.mask_batch)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[variant] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+        plain, pipe = results["plain"], results["pipeline"]
+        if plain["n"] != n or pipe["n"] != n:
+            raise SystemExit(f"{stage}: lost images (plain {plain['n']}, pipeline {pipe['n']} of {n})")
+        _, _, batch, label = make_handler(stage, models, args)
+        plain_ips, pipe_ips = n / plain["seconds"], n / pipe["seconds"]
         print(json.dumps({
-            "stage": stage, "model": os.path.basename(str(label)), "batch": batch, "images": len(samples),
+            "stage": stage, "model": os.path.basename(str(label)), "batch": batch, "images": n,
             "plain_ips": round(plain_ips, 2), "pipeline_ips": round(pipe_ips, 2), "ratio": round(pipe_ips / plain_ips, 3),
-            "pipeline_wall_s": round(wall, 2), "model_load_s": round(load_s, 2),
-            "device": args.device, "torch_threads": torch.get_num_threads(),
+            "pipeline_wall_s": round(pipe["wall"], 2), "model_load_s": round(pipe["load"], 2), "device": args.device,
         }), flush=True)
 
 
