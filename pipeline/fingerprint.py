@@ -38,8 +38,11 @@ def _local(path: Optional[str]) -> Optional[str]:
     return None
 
 
-def _not_cached(model_id: str) -> dict:
-    return {"id": model_id, "sha256": None, "note": "not in the launcher's local cache; resolved by the workers at load"}
+def _not_cached(model_id: str, error: Optional[BaseException] = None) -> dict:
+    note = "not in the launcher's local cache; resolved by the workers at load"
+    if error is not None:
+        note += f" (cache look-up failed: {type(error).__name__}: {error})"
+    return {"id": model_id, "sha256": None, "note": note}
 
 
 def fingerprint_caption(model: str, cache_dir: Optional[str] = None) -> dict:
@@ -51,7 +54,7 @@ def fingerprint_caption(model: str, cache_dir: Optional[str] = None) -> dict:
 
         snapshot = snapshot_download(model, local_files_only=True, cache_dir=cache_dir)
     except Exception:  # noqa: BLE001 - not cached (or not a hub id): say so in the manifest
-        return _not_cached(model)
+        return _not_cached(model)  # the usual case offline, not an error worth a message
     return {"id": model, "revision": os.path.basename(snapshot), "sha256": hash_path(snapshot)}
 
 
@@ -71,8 +74,8 @@ def fingerprint_clip(model: str, pretrained: Optional[str]) -> dict:
             cached = try_to_load_from_cache(repo, filename) if repo else None
             if isinstance(cached, str) and os.path.isfile(cached):
                 return {"id": f"{model}/{pretrained}", "file": cached, "sha256": hash_path(cached)}
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001 - the look-up failing is recorded, not fatal
+        return _not_cached(f"{model}/{pretrained}", exc)
     return _not_cached(f"{model}/{pretrained}")
 
 
@@ -88,6 +91,6 @@ def fingerprint_mask(model: str) -> dict:
                 found = cls.resolve_existing(f"{model}.onnx")
                 if found:
                     return {"id": model, "file": found, "sha256": hash_path(found)}
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001 - the look-up failing is recorded, not fatal
+        return _not_cached(model, exc)
     return _not_cached(model)

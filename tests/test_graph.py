@@ -512,7 +512,7 @@ def test_untyped_key_and_automatic_label_are_caught():
 
 
 if __name__ == "__main__":
-    print(json.dumps(check_payloads(pickle.loads(Path(sys.argv[1]).read_bytes()))))
+    print(json.dumps(check_payloads(pickle.loads(Path(sys.argv[1]).read_bytes()))))  # deliberate: our own DoFn payloads, written by this test
 
 
 def test_items_from_files_keep_the_graph_small_at_any_scale(plan):

@@ -194,7 +194,7 @@ def test_never_unpickles(tmp_path):
 
     _write_shards(tmp_path / "specific", "specific", [2], "s")
     evil = io.BytesIO()
-    np.save(evil, np.array([Boom()], dtype=object), allow_pickle=True)
+    np.save(evil, np.array([Boom()], dtype=object), allow_pickle=True)  # deliberate: a pickled array the loader must refuse
     members = [(f"x.{ext}", data) for ext, data in (
         ("jpg", _jpeg(1)), ("json", b"{}"), ("txt", b"t"), ("emb.npy", evil.getvalue()),
         ("refs.npy", contract.npy_bytes(np.zeros((0, DIM), np.float32))), ("mask.png", _png_mask()),
