@@ -24,7 +24,8 @@ from prep.pipeline.resume import RUN_STATE, ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
 from prep.transforms import sources
-from prep.transforms.caption import CaptionHandler, add_attribute_caption
+from prep.transforms.attributes import add_attribute_caption
+from prep.transforms.caption import CaptionHandler
 from prep.transforms.common import DEAD, counter, dead
 from prep.transforms.decode import DecodeImages, DecodeParams
 from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding

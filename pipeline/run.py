@@ -116,10 +116,11 @@ def format_summary(manifest: dict, out: str) -> str:
         f"dead-lettered {counts['dead_lettered']} ({'reconciled' if manifest.get('reconciled') else 'NOT RECONCILED'})",
     ]
     shards = manifest.get("shards", [])
-    for domain in ("specific", "general"):
-        mine = [s for s in shards if s["domain"] == domain]
-        if mine:
-            lines.append(f"{domain}: {len(mine)} shard(s), {sum(s['count'] for s in mine)} samples -> {out.rstrip('/')}/{domain}/")
+    folders = sorted({(s.get("split", "train"), s["domain"]) for s in shards}, key=lambda f: (f[0] != "train", f))
+    for split, domain in folders:
+        mine = [s for s in shards if s.get("split", "train") == split and s["domain"] == domain]
+        where = f"{out.rstrip('/')}/{domain}/" if split == "train" else f"{out.rstrip('/')}/{split}/{domain}/"
+        lines.append(f"{split} {domain}: {len(mine)} shard(s), {sum(s['count'] for s in mine)} samples -> {where}")
     for reason, n in manifest.get("dead_letter_reasons", {}).items():
         lines.append(f"dead letter  {n:6d}  {reason}")
     for source in manifest.get("sources", []):

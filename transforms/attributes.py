@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Union
 
-__all__ = ["CELEBA_ATTRIBUTES", "AttributeValue", "attribute_caption", "join_captions"]
+from prep.schemas.records import Sample
+
+__all__ = ["CELEBA_ATTRIBUTES", "AttributeValue", "add_attribute_caption", "attribute_caption", "join_captions"]
 
 # A label as the pipeline carries it (bool) or as CelebA's file writes it (1 / -1).
 AttributeValue = Union[bool, int, None]
@@ -232,3 +234,14 @@ def join_captions(vlm: Optional[str], attr: Optional[str], sep: str = ". ") -> s
     if not tail:
         return head
     return f"{head_core}{sep}{tail}"
+
+
+def add_attribute_caption(sample: Sample, sep: str = ". ") -> Sample:
+    """Attribute-caption step: labels -> text, joined after the VLM caption (both kept).
+
+    Without a VLM caption (general-domain images that were not captioned) the text that came
+    with the image is the base caption.
+    """
+    attr = attribute_caption(sample.attributes) if sample.attributes else None
+    base = sample.caption_vlm if sample.caption_vlm is not None else (sample.text or "")
+    return sample.with_(caption_attributes=attr, caption=join_captions(base, attr, sep))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from prep.schemas.records import Sample
-from prep.transforms.attributes import attribute_caption, join_captions
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, Reject, StageHandler, resolve_device
 
@@ -141,14 +140,3 @@ class CaptionHandler(StageHandler):
 
     def apply(self, sample: Sample, caption: str) -> Sample:
         return sample.with_(caption_vlm=caption)
-
-
-def add_attribute_caption(sample: Sample, sep: str = ". ") -> Sample:
-    """Attribute-caption step: labels -> text, joined after the VLM caption (both kept).
-
-    Without a VLM caption (general-domain images that were not captioned) the text that came
-    with the image is the base caption.
-    """
-    attr = attribute_caption(sample.attributes) if sample.attributes else None
-    base = sample.caption_vlm if sample.caption_vlm is not None else (sample.text or "")
-    return sample.with_(caption_attributes=attr, caption=join_captions(base, attr, sep))
