@@ -20,7 +20,7 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
-from prep.pipeline.resume import RUN_STATE, ResumeState
+from prep.pipeline.resume import RETRY_PLAN, RUN_STATE, ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
 from prep.transforms import sources
@@ -315,10 +315,11 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     # Write shards (whole identities per split), dead letters and the manifest.
     by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
     refs_by_split = refs | "SplitRefsBySplit" >> beam.Partition(_refs_by_split, len(SPLITS))
-    done, first = resume.keys, resume.first_index
+    done, first, kept = resume.keys, resume.first_index, resume.kept_indices()
     written = [
         general.ok | "WriteGeneral" >> WriteShards(
-            out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0)
+            out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0),
+            kept_indices=kept.get((TRAIN, GENERAL), ()),
         )
     ]
     for split, part, part_refs in zip(SPLITS, by_split, refs_by_split):
@@ -327,7 +328,7 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
         infos = part | label >> WriteShards(
             split_dir(out, split), SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
-            first.get((split, SPECIFIC), 0), refs=part_refs,
+            first.get((split, SPECIFIC), 0), refs=part_refs, kept_indices=kept.get((split, SPECIFIC), ()),
         )
         if split != TRAIN:
             infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)
@@ -337,7 +338,10 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     shard_infos = written | "AllShards" >> beam.Flatten()
     dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
     if only is not None:  # a retry: a sample already in a shard is never also a dead letter
-        dead_letters = dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=only)
+        dead_letters = (
+            dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=only),
+            p | "KeptDeadLetters" >> beam.Create(resume.kept_letters),
+        ) | "WithKeptDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
     launch_inputs = plan.launch_inputs
     if resume.inputs is not None:  # a retry: the inputs are still the original run's
@@ -358,7 +362,8 @@ def clear_output(out: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     base = out.rstrip("/")
-    paths = [f"{base}/{n}" for n in ("manifest.json", RUN_STATE, PLAN_DIR, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])]
+    names = ("manifest.json", RUN_STATE, RETRY_PLAN, PLAN_DIR, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
+    paths = [f"{base}/{n}" for n in names]
     existing = [p for p in paths if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)

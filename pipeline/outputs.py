@@ -20,6 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from prep.schemas import contract
 from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
+from prep.transforms.common import fault_point
 from prep.transforms.write import write_atomic
 
 
@@ -142,6 +143,7 @@ class _WriteManifest(beam.DoFn):
             write_atomic(f"{base}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
             index = wids_index(domain, mine)
             write_atomic(f"{base}/{domain}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
+        fault_point("manifest.before_write")
         stale = f"{self._out}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
         if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
             FileSystems.delete([stale])  # a retry that left no dead letters

@@ -22,14 +22,15 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from prep.schemas import contract
-from prep.schemas.records import DOMAINS, SPECIFIC, ShardInfo
+from prep.schemas.records import DOMAINS, SPECIFIC, DeadLetter, ShardInfo
 from prep.transforms.write import parquet_name, stats_name, write_atomic
 
 RUN_STATE = "_run.json"
+RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written (a killed retry reruns it)
 _SPLITS = ("train", "val", "test")
-# Config fields that do not change what is written.
-_NOT_OUTPUT = ("overwrite", "model_cache", "device", "caption_batch_size", "mask_batch_size",
-               "embed_batch_size", "caption_model_copies", "extra")
+# Config fields that do not change what is written. (The padded stages' batch sizes and the
+# device do: a model's output for one element depends on the batch size it is run in.)
+_NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra")
 
 
 @dataclass
@@ -44,11 +45,19 @@ class ResumeState:
 
     shards: list[ShardInfo] = field(default_factory=list)
     keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (split, domain) -> keys
-    specific: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # (key, identity, emb)
+    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)  # (key, source, identity, emb)
     removed: list[str] = field(default_factory=list)
     only_keys: Optional[frozenset[str]] = None
     first_index: dict[tuple[str, str], int] = field(default_factory=dict)
     inputs: Optional[int] = None
+    kept_letters: list[DeadLetter] = field(default_factory=list)  # retry: letters carried over as they are
+
+    def kept_indices(self) -> dict[tuple[str, str], set[int]]:
+        """(split, domain) -> indices of the shards kept (resume) or already listed (retry)."""
+        out: dict[tuple[str, str], set[int]] = {}
+        for info in self.shards:
+            out.setdefault((info.split, info.domain), set()).add(int(info.name.split(".")[0]))
+        return out
 
     @property
     def done_keys(self) -> frozenset[str]:
@@ -131,7 +140,8 @@ def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[
             keys.append(raw["__key__"])
             if domain == SPECIFIC:
                 sample = contract.decode_sample(raw)
-                specific.append((raw["__key__"], sample[contract.EXT_JSON]["identity"], sample[contract.EXT_EMB]))
+                meta = sample[contract.EXT_JSON]
+                specific.append((raw["__key__"], meta["source"], meta["identity"], sample[contract.EXT_EMB]))
     except Exception:  # noqa: BLE001 - a shard that does not read back is redone
         return None
     if len(keys) != stats.get("count"):
@@ -142,17 +152,44 @@ def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[
                      keys_first=keys[0] if keys else "", keys_last=keys[-1] if keys else "", split=split)
 
 
-def _read_dead_keys(out: str) -> set[str]:
-    keys: set[str] = set()
+def _read_dead_letters(out: str) -> list[DeadLetter]:
+    letters: list[DeadLetter] = []
     folder = f"{out}/{contract.DEAD_LETTER_DIR}"
     if not FileSystems.exists(folder):
-        return keys
+        return letters
     (match,) = FileSystems.match([f"{folder}/*.jsonl"])
     for meta in match.metadata_list:
         for line in _read(meta.path).decode("utf-8").splitlines():
             if line.strip():
-                keys.add(json.loads(line)["key"])
-    return keys
+                d = json.loads(line)
+                letters.append(DeadLetter(key=d["key"], source=d["source"], stage=d["stage"], reason=d["reason"],
+                                          path=d.get("path")))
+    return letters
+
+
+def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[DeadLetter]]:
+    """Which keys a retry redoes, and which dead letters it carries over unchanged.
+
+    Computed once and saved (RETRY_PLAN): the retry rewrites the dead-letter file before its
+    manifest, so a killed retry must not compute its plan again from the rewritten file.
+    A "duplicate key" letter is never retried: its key belongs to a sample already in a shard.
+    """
+    path = f"{out}/{RETRY_PLAN}"
+    if FileSystems.exists(path):
+        saved = json.loads(_read(path).decode("utf-8"))
+        return frozenset(saved["only_keys"]), [DeadLetter(**d) for d in saved["kept_letters"]]
+    letters = _read_dead_letters(out)
+    kept = [d for d in letters if d.reason.startswith("duplicate key") or d.key in shard_keys]
+    only = frozenset(d.key for d in letters if d not in kept) - shard_keys
+    data = {"only_keys": sorted(only), "kept_letters": [d.to_json() for d in kept]}
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+    return only, kept
+
+
+def clear_retry_plan(out: str) -> None:
+    path = f"{out.rstrip('/')}/{RETRY_PLAN}"
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
 
 
 def scan_for_retry(out: str, manifest: dict) -> ResumeState:
@@ -161,7 +198,8 @@ def scan_for_retry(out: str, manifest: dict) -> ResumeState:
     Shards beyond the manifest (left by a killed earlier retry) are removed first.
     """
     out = out.rstrip("/")
-    state = ResumeState(only_keys=frozenset(_read_dead_keys(out)), inputs=manifest["counts"]["inputs"])
+    state = ResumeState(inputs=manifest["counts"]["inputs"])
+    shard_keys: set[str] = set()
     listed: dict[tuple[str, str], set[str]] = {}
     for entry in manifest["shards"]:
         split = entry.get("split", "train")
@@ -182,8 +220,12 @@ def scan_for_retry(out: str, manifest: dict) -> ResumeState:
                 if name.startswith(".") or (base.isdigit() and f"{base}.tar" not in names):
                     FileSystems.delete([meta.path])
                     state.removed.append(meta.path)
-                elif domain == SPECIFIC and name in names:
+                elif name in names:
                     for raw in contract.iter_samples(io.BytesIO(_read(meta.path))):
-                        sample = contract.decode_sample(raw)
-                        state.specific.append((raw["__key__"], sample[contract.EXT_JSON]["identity"], sample[contract.EXT_EMB]))
+                        shard_keys.add(raw["__key__"])
+                        if domain == SPECIFIC:
+                            sample = contract.decode_sample(raw)
+                            info = sample[contract.EXT_JSON]
+                            state.specific.append((raw["__key__"], info["source"], info["identity"], sample[contract.EXT_EMB]))
+    state.only_keys, state.kept_letters = _retry_plan(out, shard_keys)
     return state

@@ -12,7 +12,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
-from prep.pipeline.resume import read_run_state, run_digest, scan_completed, scan_for_retry, write_run_state
+from prep.pipeline.resume import (
+    clear_retry_plan,
+    read_run_state,
+    run_digest,
+    scan_completed,
+    scan_for_retry,
+    write_run_state,
+)
 from prep.schemas import contract
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ def run(
     out = config.out.rstrip("/")
     complete = FileSystems.exists(f"{out}/{contract.MANIFEST}")
     partial = not complete and (output_exists(out) or read_run_state(out) is not None)
+    if retry_dead_letter and config.overwrite:
+        raise ValueError("--retry-dead-letter keeps the existing shards; it cannot be combined with --overwrite")
     if retry_dead_letter and not complete:
         raise OutputExists(f"--retry-dead-letter needs a complete run in {config.out} (no manifest.json there)")
     if complete and not (config.overwrite or retry_dead_letter):
@@ -103,6 +112,7 @@ def run(
     result.wait_until_finish()
     manifest = read_manifest(config.out)
     if resume is not None and retry_dead_letter:
+        clear_retry_plan(out)  # the manifest now covers the retry's shards and dead letters
         manifest = {**manifest, "retried": len(resume.only_keys)}
     elif resume is not None:
         manifest = {**manifest, "resumed": {"kept_shards": len(resume.shards), "kept_samples": len(resume.done_keys)}}

@@ -30,11 +30,11 @@ def assign_splits(
 ) -> tuple[list[SourceItem], list[str]]:
     """Items with `split` set to train/val/test, identity-disjoint; and warnings."""
     warnings: list[str] = []
-    votes: dict[Optional[str], Counter] = defaultdict(Counter)
-    for item in items:
+    votes: dict[tuple[str, Optional[str]], Counter] = defaultdict(Counter)
+    for item in items:  # identities are named per source: CelebA's "12" is not folder "12"
         if honour_source and item.split in SPLITS:
-            votes[item.identity][item.split] += 1
-    chosen: dict[Optional[str], str] = {}
+            votes[(item.source, item.identity)][item.split] += 1
+    chosen: dict[tuple[str, Optional[str]], str] = {}
     moved = 0
     for identity, counter in votes.items():
         best = max(SPLITS, key=lambda s: (counter[s], -SPLITS.index(s)))
@@ -47,8 +47,9 @@ def assign_splits(
         )
     out = []
     for item in items:
-        split = chosen.get(item.identity)
+        split = chosen.get((item.source, item.identity))
         if split is None:
-            split = hashed_split(item.identity or item.key, val_fraction, seed) if val_fraction > 0 else TRAIN
+            name = f"{item.source}:{item.identity}" if item.identity is not None else item.key
+            split = hashed_split(name, val_fraction, seed) if val_fraction > 0 else TRAIN
         out.append(item if item.split == split else dataclasses.replace(item, split=split))
     return out, warnings

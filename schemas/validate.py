@@ -830,7 +830,7 @@ class _Validator:
         key = letter.get("key")
         # A second input that produced an existing key is dead-lettered under that key, while
         # its twin (a different input) is in a shard: that is the one allowed overlap.
-        duplicate = letter.get("stage") == "ingest" and str(letter.get("reason", "")).startswith("duplicate key:")
+        duplicate = str(letter.get("reason", "")).startswith("duplicate key")  # ingest or in one tar
         if isinstance(key, str) and key in self.where and not duplicate:
             self.problem(f"{where}: dead-lettered key {key!r} is also in shard {self.where[key]}")
 

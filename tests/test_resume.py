@@ -111,3 +111,55 @@ def test_retry_dead_letter_redoes_only_failed_inputs_and_merges_them(demo, tiny_
         for ref in found[key]["json"]["ref_keys"]:
             assert found[ref]["json"]["identity"] == found[key]["json"]["identity"]
     assert validate_output(str(out)).ok, validate_output(str(out)).problems
+
+
+def _broken_copy(demo, tmp_path):
+    import shutil
+
+    celeba = tmp_path / "celeba"
+    shutil.copytree(demo["celeba_dir"], celeba)
+    images = sorted((celeba / "img_align_celeba").glob("*.jpg"))
+    broken = {p: p.read_bytes() for p in images[:2]}
+    for path in broken:
+        path.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    return celeba, broken
+
+
+def test_a_killed_retry_reruns_to_the_same_result(demo, tiny_cache, tmp_path):
+    """The retry rewrites the dead letters before its manifest: killed in between, a rerun of
+    the retry must still redo the same inputs (its plan is saved), losing nothing."""
+    celeba, broken = _broken_copy(demo, tmp_path)
+    out = tmp_path / "out"
+    config = demo_config(demo, str(out), tiny_cache, inputs=[f"celeba:{celeba}", f"wds:{demo['general_pattern']}"])
+    first = run(config, [])
+    for path, data in broken.items():
+        path.write_bytes(data)
+    args = _cli_args(demo, out, tiny_cache)
+    args[args.index(f"celeba:{demo['celeba_dir']}")] = f"celeba:{celeba}"
+    proc = subprocess.run(args + ["--retry-dead-letter"], env={**os.environ, "PREP_FAULT": "manifest.before_write:1"},
+                          capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (out / "_retry.json").exists()
+    second = run(config, [], retry_dead_letter=True)
+    assert second["retried"] == 2 + demo["corrupt"]
+    assert second["counts"]["specific"] == first["counts"]["specific"] + 2
+    assert second["counts"]["dead_lettered"] == demo["corrupt"] and second["reconciled"]
+    assert not (out / "_retry.json").exists()
+    assert validate_output(str(out)).ok
+
+
+def test_retry_leaves_duplicate_key_letters_alone(demo, tiny_cache, tmp_path):
+    import shutil
+
+    general = tmp_path / "general"
+    shutil.copytree(os.path.dirname(demo["general_pattern"]), general)
+    shutil.copy(general / "000000.tar", general / "000002.tar")  # every key of 000000 twice
+    out = tmp_path / "out"
+    config = demo_config(demo, str(out), tiny_cache, inputs=[f"wds:{general}/{{000000..000002}}.tar"])
+    first = run(config, [])
+    duplicates = first["counts"]["dead_lettered"]
+    assert duplicates > 0 and first["reconciled"]
+    second = run(config, [], retry_dead_letter=True)
+    assert second["retried"] == 0
+    assert second["counts"] == first["counts"] and second["reconciled"]
+    assert validate_output(str(out)).ok

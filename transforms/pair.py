@@ -19,7 +19,7 @@ Choosing refs costs O(K) per member after one sort per group (`_GroupRefs`), not
 the whole group per member, and picks exactly what `choose_refs` picks.
 
 Resumed and retried runs: `done` names the members already written to complete shards, as
-(key, identity, embedding). They join their identity groups as candidate refs, so every new
+(key, source, identity, embedding). They join their identity groups as candidate refs, so every new
 sample gets exactly the refs an uninterrupted run gives it, and get no refs themselves.
 """
 
@@ -142,15 +142,20 @@ class Refs:
     split: Optional[str] = None
 
 
+def identity_group(source: str, identity: str) -> str:
+    """Identities are named per source: CelebA's "12" and a folder named "12" are two people."""
+    return f"{source}:{identity}"
+
+
 def _member(sample: Sample) -> tuple[str, Member]:
     if sample.identity is None:
         raise ValueError(f"sample {sample.key!r} reached pairing without an identity")
-    return sample.identity, Member(sample.key, sample.embedding, sample.split)
+    return identity_group(sample.source, sample.identity), Member(sample.key, sample.embedding, sample.split)
 
 
-def _written_member(entry: tuple[str, str, np.ndarray]) -> tuple[str, Member]:
-    key, identity, embedding = entry
-    return str(identity), Member(key, embedding, written=True)
+def _written_member(entry: tuple[str, str, str, np.ndarray]) -> tuple[str, Member]:
+    key, source, identity, embedding = entry
+    return identity_group(source, str(identity)), Member(key, embedding, written=True)
 
 
 class _PickRefs(beam.DoFn):
@@ -184,11 +189,13 @@ class PairByIdentity(beam.PTransform):
     joined to their samples by key in the shard writer's own grouping (`WriteShards(refs=)`),
     so the samples cross one shuffle in all, and the K x D ref arrays one.
 
-    `done`: (key, identity, embedding) of samples already in complete shards (resume, retry):
+    `done`: (key, source, identity, embedding) of samples already in complete shards (resume, retry):
     they count as candidate refs exactly as in one uninterrupted run, and get no Refs.
     """
 
-    def __init__(self, refs_per_sample: int, seed: int, dim: int, done: Sequence[tuple[str, str, np.ndarray]] = ()):
+    def __init__(
+        self, refs_per_sample: int, seed: int, dim: int, done: Sequence[tuple[str, str, str, np.ndarray]] = ()
+    ):
         super().__init__()
         if refs_per_sample < 0:
             raise ValueError("refs_per_sample must be >= 0")

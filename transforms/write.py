@@ -322,15 +322,23 @@ def _refs_shard_index(entry: tuple[str, Refs], boundaries: list[str], first: int
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, out_dir: str, domain: str):
+    def __init__(self, out_dir: str, domain: str, kept: frozenset[int] = frozenset()):
         self._dir = f"{out_dir.rstrip('/')}/{domain}"
         self._domain = domain
+        self._kept = kept
         self._shards = counter(STAGE, f"{domain}_shards")
         self._samples = counter(STAGE, f"{domain}_samples")
 
     def process(self, element):
         index, grouped = element
         samples = list(grouped["samples"])
+        if index in self._kept:
+            # Resume keeps complete shards on the promise that the remaining samples fall
+            # elsewhere; a sample that failed in the killed run but passes now breaks it.
+            raise ValueError(
+                f"resume: {samples[0].key} now falls in shard {index}, which the interrupted run already "
+                f"completed (its dead letters were not the same as this run's); rerun with --overwrite"
+            )
         refs = dict(grouped["refs"])
         if refs:  # specific samples: attach the refs chosen by pairing (joined here, by key)
             missing = [s.key for s in samples if s.key not in refs]
@@ -381,6 +389,7 @@ class WriteShards(beam.PTransform):
         done_keys: Sequence[str] = (),
         first_index: int = 0,
         refs=None,
+        kept_indices: Sequence[int] = (),
     ):
         super().__init__()
         if samples_per_shard < 1:
@@ -389,6 +398,7 @@ class WriteShards(beam.PTransform):
         self._done = sorted(done_keys)
         self._first = first_index  # --retry-dead-letter appends shards after the existing ones
         self._refs = refs  # PCollection of (key, Refs) from PairByIdentity, or None (samples carry theirs)
+        self._kept = frozenset(kept_indices)  # resume: complete shards that must not be written again
 
     def expand(self, samples):
         keys = samples | "Keys" >> beam.Map(lambda s: s.key)
@@ -408,5 +418,5 @@ class WriteShards(beam.PTransform):
         return (
             by_shard
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._domain))
+            | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._domain, self._kept))
         )
