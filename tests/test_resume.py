@@ -163,3 +163,33 @@ def test_retry_leaves_duplicate_key_letters_alone(demo, tiny_cache, tmp_path):
     assert second["retried"] == 0
     assert second["counts"] == first["counts"] and second["reconciled"]
     assert validate_output(str(out)).ok
+
+
+def test_resume_refuses_when_a_kept_shard_would_change(tiny_cache, tmp_path):
+    """A sample that failed in the killed run but passes on resume shifts the shard boundaries:
+    resume must refuse to overwrite a completed shard rather than corrupt it."""
+    import numpy as np
+    from PIL import Image
+
+    from prep.pipeline.config import RunConfig
+
+    root = tmp_path / "objects" / "dog"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in "abcdef":
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{name}.jpg")
+    first = (root / "a.jpg").read_bytes()
+    (root / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # fails in the killed run
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "prep.cli", "run", "--input", f"folder:{root.parent}", "--preset", "tiny",
+            "--model-cache", tiny_cache, "--out", str(out), "--samples-per-shard", "2", "--no-progress"]
+    proc = subprocess.run(args, env={**os.environ, "PREP_FAULT": "write.after_tar:2"}, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert any(p.name.endswith("_stats.json") for p in (out / "specific").iterdir())  # one shard completed
+    (root / "a.jpg").write_bytes(first)  # ... and now it passes
+    config = RunConfig(inputs=[f"folder:{root.parent}"], out=str(out), preset="tiny", model_cache=tiny_cache,
+                       samples_per_shard=2)
+    with pytest.raises(Exception, match="rerun with --overwrite"):
+        run(config, [])
+    manifest = run(RunConfig(**{**config.__dict__, "overwrite": True}), [])
+    assert manifest["counts"]["specific"] == 6 and manifest["reconciled"]
