@@ -46,7 +46,7 @@ def wids_index(domain: str, shards: list[ShardInfo]) -> dict[str, Any]:
 def shard_folders(shards: list[ShardInfo]) -> list[str]:
     """The folders (relative to OUT) that get a sizes.json and a wids index: every domain's
     train folder, "<domain>", and "<split>/<domain>" for the other splits that have shards."""
-    folders = set(DOMAINS) | {s.domain if s.split == "train" else f"{s.split}/{s.domain}" for s in shards}
+    folders = set(DOMAINS) | {contract.shard_folder(s.split, s.domain) for s in shards}
     return sorted(folders, key=lambda f: (f.count("/"), f))
 
 
@@ -134,15 +134,15 @@ class _WriteManifest(beam.DoFn):
             launch_inputs=self._launch_inputs,
             streamed_inputs=streamed_inputs,
         )
-        # One folder per (split, domain): train in OUT/<domain>/, other splits in OUT/<split>/<domain>/.
+        # One folder per (split, domain), each with its sizes.json and wids index.
         folders = {("train", d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
         for split, domain in sorted(folders):
             mine = [s for s in shards if s.split == split]
-            base = self._out if split == "train" else f"{self._out}/{split}"
+            base = f"{self._out}/{contract.shard_folder(split, domain)}"
             sizes = {s.name: s.count for s in sorted(mine, key=lambda s: s.name) if s.domain == domain}
-            write_atomic(f"{base}/{domain}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
+            write_atomic(f"{base}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
             index = wids_index(domain, mine)
-            write_atomic(f"{base}/{domain}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
+            write_atomic(f"{base}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
         fault_point("manifest.before_write")
         stale = f"{self._out}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
         if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):

@@ -27,7 +27,6 @@ from prep.transforms.write import parquet_name, stats_name, write_atomic
 
 RUN_STATE = "_run.json"
 RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written (a killed retry reruns it)
-_SPLITS = ("train", "val", "test")
 # Config fields that do not change what is written. (The padded stages' batch sizes and the
 # device do: a model's output for one element depends on the batch size it is run in.)
 _NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra")
@@ -90,10 +89,6 @@ def write_run_state(out: str, digest: str, config_json: dict) -> None:
     write_atomic(f"{out.rstrip('/')}/{RUN_STATE}", json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _folder(out: str, split: str, domain: str) -> str:
-    return f"{out}/{domain}" if split == "train" else f"{out}/{split}/{domain}"
-
-
 def _read(path: str) -> bytes:
     with FileSystems.open(path) as f:
         return f.read()
@@ -103,9 +98,9 @@ def scan_completed(out: str) -> ResumeState:
     """Keep verified complete shards; delete partial ones and temporary files."""
     out = out.rstrip("/")
     state = ResumeState()
-    for split in _SPLITS:
+    for split in contract.SPLITS:
         for domain in DOMAINS:
-            folder = _folder(out, split, domain)
+            folder = f"{out}/{contract.shard_folder(split, domain)}"
             if not FileSystems.exists(folder):
                 continue
             (match,) = FileSystems.match([f"{folder}/*"])
@@ -123,6 +118,19 @@ def scan_completed(out: str) -> ResumeState:
     return state
 
 
+def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[tuple[str, str, str, np.ndarray]]]:
+    """A shard's keys, and for specific shards each sample's (key, source, identity, embedding):
+    what pairing and shard boundaries need of samples that are already written."""
+    keys, specific = [], []
+    for raw in contract.iter_samples(io.BytesIO(data)):
+        keys.append(raw["__key__"])
+        if domain == SPECIFIC:
+            sample = contract.decode_sample(raw)
+            meta = sample[contract.EXT_JSON]
+            specific.append((raw["__key__"], meta["source"], meta["identity"], sample[contract.EXT_EMB]))
+    return keys, specific
+
+
 def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[ShardInfo]:
     stats_file = stats_name(name)
     if stats_file not in names or parquet_name(name) not in names:
@@ -134,14 +142,8 @@ def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[
         return None
     if hashlib.sha256(data).hexdigest() != stats.get("sha256") or len(data) != stats.get("bytes"):
         return None
-    keys, specific = [], []
     try:
-        for raw in contract.iter_samples(io.BytesIO(data)):
-            keys.append(raw["__key__"])
-            if domain == SPECIFIC:
-                sample = contract.decode_sample(raw)
-                meta = sample[contract.EXT_JSON]
-                specific.append((raw["__key__"], meta["source"], meta["identity"], sample[contract.EXT_EMB]))
+        keys, specific = _shard_records(data, domain)
     except Exception:  # noqa: BLE001 - a shard that does not read back is redone
         return None
     if len(keys) != stats.get("count"):
@@ -206,9 +208,9 @@ def scan_for_retry(out: str, manifest: dict) -> ResumeState:
         listed.setdefault((split, entry["domain"]), set()).add(entry["name"])
         state.shards.append(ShardInfo(domain=entry["domain"], name=entry["name"], count=entry["count"],
                                       sha256=entry["sha256"], bytes=entry["bytes"], split=split))
-    for split in _SPLITS:
+    for split in contract.SPLITS:
         for domain in DOMAINS:
-            folder = _folder(out, split, domain)
+            folder = f"{out}/{contract.shard_folder(split, domain)}"
             names = listed.get((split, domain), set())
             state.first_index[(split, domain)] = len(names)
             if not FileSystems.exists(folder):
@@ -221,11 +223,8 @@ def scan_for_retry(out: str, manifest: dict) -> ResumeState:
                     FileSystems.delete([meta.path])
                     state.removed.append(meta.path)
                 elif name in names:
-                    for raw in contract.iter_samples(io.BytesIO(_read(meta.path))):
-                        shard_keys.add(raw["__key__"])
-                        if domain == SPECIFIC:
-                            sample = contract.decode_sample(raw)
-                            info = sample[contract.EXT_JSON]
-                            state.specific.append((raw["__key__"], info["source"], info["identity"], sample[contract.EXT_EMB]))
+                    keys, specific = _shard_records(_read(meta.path), domain)
+                    shard_keys.update(keys)
+                    state.specific.extend(specific)
     state.only_keys, state.kept_letters = _retry_plan(out, shard_keys)
     return state

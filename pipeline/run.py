@@ -129,7 +129,7 @@ def format_summary(manifest: dict, out: str) -> str:
     folders = sorted({(s.get("split", "train"), s["domain"]) for s in shards}, key=lambda f: (f[0] != "train", f))
     for split, domain in folders:
         mine = [s for s in shards if s.get("split", "train") == split and s["domain"] == domain]
-        where = f"{out.rstrip('/')}/{domain}/" if split == "train" else f"{out.rstrip('/')}/{split}/{domain}/"
+        where = f"{out.rstrip('/')}/{contract.shard_folder(split, domain)}/"
         lines.append(f"{split} {domain}: {len(mine)} shard(s), {sum(s['count'] for s in mine)} samples -> {where}")
     for reason, n in manifest.get("dead_letter_reasons", {}).items():
         lines.append(f"dead letter  {n:6d}  {reason}")

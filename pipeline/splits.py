@@ -14,11 +14,12 @@ import dataclasses
 from collections import Counter, defaultdict
 from typing import Optional
 
+from prep.schemas import contract
 from prep.schemas.records import SourceItem
 from prep.transforms.common import stable_hash
 
-TRAIN, VAL, TEST = "train", "val", "test"
-SPLITS = (TRAIN, VAL, TEST)
+SPLITS = contract.SPLITS
+TRAIN, VAL, TEST = SPLITS
 
 
 def hashed_split(identity: str, val_fraction: float, seed: int) -> str:

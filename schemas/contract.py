@@ -72,6 +72,15 @@ TAR_MODE = 0o644
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
+# Identity-disjoint splits: train shards in OUT/<domain>/, the others in OUT/<split>/<domain>/.
+SPLITS = ("train", "val", "test")
+
+
+def shard_folder(split: str, domain: str) -> str:
+    """The folder of a (split, domain)'s shards, relative to OUT."""
+    return domain if split == "train" else f"{split}/{domain}"
+
+
 def shard_name(index: int) -> str:
     return f"{index:0{SHARD_DIGITS}d}.tar"
 

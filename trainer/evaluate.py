@@ -14,7 +14,6 @@ this tiny training setup the numbers only compare checkpoints, they are not the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
@@ -39,7 +38,7 @@ def evaluate(
         ref = customizer.reference(path)
         ref_feature = customizer.embed_images([ref.image])
         for p, prompt in enumerate(prompts):
-            images = customizer.generate(ref.embedding, prompt, **dataclasses.asdict(params))
+            images = customizer.generate(ref.embedding, prompt, params)
             features = customizer.embed_images(images)
             rows.append({
                 "reference": path,

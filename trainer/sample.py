@@ -10,7 +10,6 @@ reference | masked reference | N samples, each image_size x image_size.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -30,6 +29,16 @@ class Reference:
     mask: Image.Image  # "L", values {0, 255}
     masked: Image.Image  # x ⊗ m
     embedding: torch.Tensor  # [D], unit norm: the object embedding o
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    num_samples: int = 4
+    steps: int = 50
+    eta: float = 0.0
+    text_scale: float = 5.0
+    object_scale: float = 3.0
+    seed: int = 0
 
 
 class Customizer:
@@ -105,22 +114,16 @@ class Customizer:
         self,
         embedding: torch.Tensor,
         prompt: str,
-        *,
-        num_samples: int = 4,
-        steps: int = 50,
-        eta: float = 0.0,
-        text_scale: float = 5.0,
-        object_scale: float = 3.0,
-        seed: int = 0,
+        params: SampleParams = SampleParams(),
     ) -> list[Image.Image]:
-        """`num_samples` images for object embedding [D] and a prompt (seeded)."""
-        n = num_samples
+        """`params.num_samples` images for object embedding [D] and a prompt (seeded)."""
+        n = params.num_samples
         text = self.text_encoder([prompt] * n)
         null_text = self.text_encoder([""] * n)
         obj = embedding.to(self.device, torch.float32)[None].expand(n, -1)
         x = self.diffusion.sample(
-            self.unet, text, null_text, obj, steps=steps, eta=eta, text_scale=text_scale,
-            object_scale=object_scale, generator=torch.Generator().manual_seed(seed),
+            self.unet, text, null_text, obj, steps=params.steps, eta=params.eta, text_scale=params.text_scale,
+            object_scale=params.object_scale, generator=torch.Generator().manual_seed(params.seed),
         )
         pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(p, "RGB") for p in pixels]
@@ -132,16 +135,6 @@ def make_grid(images: Sequence[Image.Image], size: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC), (i * size, 0))
     return grid
-
-
-@dataclass(frozen=True)
-class SampleParams:
-    num_samples: int = 4
-    steps: int = 50
-    eta: float = 0.0
-    text_scale: float = 5.0
-    object_scale: float = 3.0
-    seed: int = 0
 
 
 def sample(
@@ -156,7 +149,7 @@ def sample(
     """Write the grid reference | masked reference | N samples to `out_path` (PNG)."""
     customizer = Customizer(checkpoint, device=device)
     ref = customizer.reference(reference_image_path)
-    images = customizer.generate(ref.embedding, prompt, **dataclasses.asdict(params))
+    images = customizer.generate(ref.embedding, prompt, params)
     grid = make_grid([ref.image, ref.masked, *images], customizer.image_size)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.{os.getpid()}.tmp"
