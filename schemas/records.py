@@ -85,8 +85,14 @@ class Sample:
     mask_png: Optional[bytes] = None
     mask_fraction: Optional[float] = None
     embedding: Optional[np.ndarray] = None  # float32 [D]
+    # Identity step: a digest of the decoded pixels, a perceptual hash, the faces found (face
+    # models; each with box, landmarks and descriptor), then pairing's verdict (`identity`).
+    pixel_sha256: Optional[str] = None
+    phash: Optional[str] = None
+    faces: Optional[tuple] = None  # tuple[transforms.faces.Face, ...]
     ref_keys: tuple[str, ...] = ()
     refs: Optional[np.ndarray] = None  # float32 [K, D]
+    verdict: Optional[object] = None  # transforms.verify.Verdict, attached with the refs
 
     def with_(self, **changes) -> "Sample":
         return dataclasses.replace(self, **changes)

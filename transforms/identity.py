@@ -1,0 +1,171 @@
+"""Identity stage: what pairing needs to verify that a ref is the same person and another photo.
+
+Runs after Embed on domain-specific samples, as a `StageHandler` through RunInference:
+- every mode: a sha256 of the decoded pixels (exact duplicates anywhere in the input) and a
+  perceptual hash (`imagehash.phash`, 64 bits as 16 hex digits: re-encoded or resized copies);
+- `face`: every face found (box, 5 landmarks, descriptor; see `transforms/faces.py`), with
+  dlib's ResNet descriptor or an ArcFace-style ONNX model (`--face-model PATH.onnx`). An image
+  with no face is a dead letter ("no face found: ...") unless `--no-face keep`, which keeps it
+  unverified (never a ref, no refs);
+- `clip`: no extra model: the identity embedding is the masked-object CLIP embedding the Embed
+  stage computed (dogs, objects).
+Which face of several, the verdict and the refs are decided per identity group in pairing
+(`transforms/verify.py`), because they depend on the identity's other images.
+
+Thresholds (Euclidean distances in each model's space; `--identity-threshold`,
+`--duplicate-threshold` override them):
+| model | same identity (at most) | duplicate (below) | basis |
+| face, dlib | 0.6 | 0.2 | dlib's documented same-person line; measured on ../shared/data/faces: same person 0.33-0.52, others >= 0.78, obama.jpg vs its letterboxed 240p copy 0.10 |
+| face, onnx | 1.1 (cosine >= 0.40) | 0.35 | usual ArcFace verification range; calibrate on your model |
+| clip | 0.7 (cosine >= 0.755) | 0.1 (cosine >= 0.995) | a starting point for masked objects; calibrate |
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from prep.schemas.records import Sample
+from prep.transforms.decode import load_rgb
+from prep.transforms.inference import Reject, StageHandler
+from prep.transforms.verify import Thresholds
+
+STAGE = "identity"
+FACE, CLIP, NONE = "face", "clip", "none"
+MODES = (FACE, CLIP, NONE)
+NO_FACE_DROP, NO_FACE_KEEP = "drop", "keep"
+NO_FACE_REASON = "no face found"
+
+THRESHOLDS = {
+    "dlib": Thresholds(same=0.6, duplicate=0.2),
+    "onnx": Thresholds(same=1.1, duplicate=0.35),
+    CLIP: Thresholds(same=0.7, duplicate=0.1),
+}
+
+
+def thresholds_for(mode: str, face_model: str = "dlib", same: Optional[float] = None,
+                   duplicate: Optional[float] = None) -> Optional[Thresholds]:
+    if mode == NONE:
+        return None
+    base = THRESHOLDS[CLIP if mode == CLIP else ("dlib" if face_model == "dlib" else "onnx")]
+    return Thresholds(same=base.same if same is None else same,
+                      duplicate=base.duplicate if duplicate is None else duplicate)
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """sha256 of the decoded pixels and their shape: equal for equal pixels, whatever the file."""
+    h = hashlib.sha256(f"{image.shape}".encode("ascii"))
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def perceptual_hash(image) -> str:
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    pixels: np.ndarray
+    pixel_sha256: str
+    phash: str
+
+
+@dataclass(frozen=True)
+class IdentityResult:
+    pixel_sha256: str
+    phash: str
+    faces: Optional[tuple] = None
+
+
+@dataclass
+class LoadedFaces:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
+    detector: Any = None
+    descriptor: Any = None
+
+
+class IdentityHandler(StageHandler):
+    stage = STAGE
+    pad_batches = False  # dlib runs per image; the ONNX descriptor pads its own face batches
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        face_model: str = "dlib",
+        no_face: str = NO_FACE_DROP,
+        detect_max_side: Optional[int] = None,
+        device: str = "auto",
+        min_batch_size: Optional[int] = None,
+        max_batch_size: int = 8,
+    ):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        if mode not in (FACE, CLIP):
+            raise ValueError(f"identity stage mode must be {FACE!r} or {CLIP!r}, got {mode!r}")
+        if no_face not in (NO_FACE_DROP, NO_FACE_KEEP):
+            raise ValueError(f"no_face must be {NO_FACE_DROP!r} or {NO_FACE_KEEP!r}")
+        from prep.transforms.faces import DETECT_MAX_SIDE
+
+        self.mode, self.face_model, self.no_face = mode, face_model, no_face
+        self.detect_max_side = detect_max_side or DETECT_MAX_SIDE
+        self.device = device
+
+    def describe(self) -> dict:
+        out = {"mode": self.mode, "phash": "imagehash.phash 8x8"}
+        if self.mode == FACE:
+            out.update(face_model=self.face_model, detector="dlib HOG frontal, 5-point landmarks",
+                       detect_max_side=self.detect_max_side, no_face=self.no_face)
+        return out
+
+    def load_model(self) -> LoadedFaces:
+        if self.mode != FACE:
+            return LoadedFaces()
+        from prep.transforms.faces import FaceDetector, load_descriptor
+
+        device = "cpu" if self.device == "cpu" else "auto"
+        return LoadedFaces(FaceDetector(self.detect_max_side), load_descriptor(self.face_model, device=device))
+
+    def prepare(self, sample: Sample, model: LoadedFaces) -> Prepared:
+        image = load_rgb(sample.image_jpeg)
+        pixels = np.asarray(image, np.uint8)
+        return Prepared(pixels, pixel_digest(pixels), perceptual_hash(image))
+
+    def infer(self, prepared: list, model: LoadedFaces) -> list:
+        from prep.transforms.faces import find_faces
+
+        results: list = []
+        for p in prepared:
+            if self.mode != FACE:
+                results.append(IdentityResult(p.pixel_sha256, p.phash))
+                continue
+            faces = tuple(find_faces(p.pixels, model.detector, model.descriptor))
+            if not faces and self.no_face == NO_FACE_DROP:
+                h, w = p.pixels.shape[:2]
+                results.append(Reject(f"{NO_FACE_REASON}: no frontal face in {w}x{h} (detected on a copy of at most "
+                                      f"{self.detect_max_side} px; --no-face keep keeps such images unverified)"))
+            else:
+                results.append(IdentityResult(p.pixel_sha256, p.phash, faces))
+        return results
+
+    def apply(self, sample: Sample, result: IdentityResult) -> Sample:
+        return sample.with_(pixel_sha256=result.pixel_sha256, phash=result.phash, faces=result.faces)
+
+
+def candidate(sample: Sample, mode: str, *, written: bool = False):
+    """The `verify.Candidate` of a sample after this stage (mode: face, clip or none)."""
+    from prep.transforms.verify import Candidate
+
+    if mode == NONE:
+        return Candidate(sample.key, written=written)
+    if mode == CLIP:
+        embeddings = () if sample.embedding is None else (sample.embedding,)
+        areas: tuple[int, ...] = ()
+    else:
+        faces = sample.faces or ()
+        embeddings = tuple(f.embedding for f in faces)
+        areas = tuple(f.area for f in faces)
+    return Candidate(sample.key, embeddings, areas, sample.pixel_sha256, sample.phash, written)
