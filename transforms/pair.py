@@ -37,6 +37,7 @@ from apache_beam.metrics import Metrics
 
 from prep.schemas.records import Sample
 from prep.transforms.common import METRICS_NAMESPACE, counter
+from prep.transforms.verify import OUTLIER, RANDOM, STRATEGIES, Candidate, Thresholds, Verdict, verify_group
 
 STAGE = "pair"
 
@@ -115,31 +116,39 @@ class _GroupRefs:
         return tuple(ref_keys), refs
 
 
-def refs_for_identity(members: Iterable[tuple[str, np.ndarray]], k: int, seed: int, dim: int):
-    """All (key, (ref_keys, refs[K, D])) of one identity group, in the members' order."""
-    group = _GroupRefs(members, k, seed, dim)
-    for key in group.members():
-        yield key, group.refs(key)
-
-
 @dataclass(frozen=True)
 class Member:
-    """What pairing groups by identity: a key, its embedding and its split, never image bytes.
+    """What pairing groups by identity: a key, its embedding, its split and what verification
+    needs (`candidate`: identity embeddings, hashes), never image bytes.
     `written`: already in a complete shard (resume / retry): a candidate ref, not an output."""
 
     key: str
     embedding: np.ndarray
     split: Optional[str] = None
     written: bool = False
+    candidate: Optional[Candidate] = None
 
 
 @dataclass(frozen=True)
 class Refs:
-    """The refs chosen for one sample: joined to it by key where its shard is written."""
+    """The refs chosen for one sample, and its identity verdict: joined to it by key where
+    its shard is written."""
 
     ref_keys: tuple[str, ...]
     refs: np.ndarray  # float32 [K, D]
     split: Optional[str] = None
+    verdict: Optional[Verdict] = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """A sample already in a complete shard (resume, retry), as pairing needs it."""
+
+    key: str
+    source: str
+    identity: str
+    embedding: np.ndarray
+    candidate: Optional[Candidate] = None
 
 
 def identity_group(source: str, identity: str) -> str:
@@ -147,38 +156,71 @@ def identity_group(source: str, identity: str) -> str:
     return f"{source}:{identity}"
 
 
-def _member(sample: Sample) -> tuple[str, Member]:
+def _member(sample: Sample, mode: str) -> tuple[str, Member]:
+    from prep.transforms.identity import candidate
+
     if sample.identity is None:
         raise ValueError(f"sample {sample.key!r} reached pairing without an identity")
-    return identity_group(sample.source, sample.identity), Member(sample.key, sample.embedding, sample.split)
+    return identity_group(sample.source, sample.identity), Member(
+        sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode)
+    )
 
 
-def _written_member(entry: tuple[str, str, str, np.ndarray]) -> tuple[str, Member]:
-    key, source, identity, embedding = entry
-    return identity_group(source, str(identity)), Member(key, embedding, written=True)
+def _written_member(entry) -> tuple[str, Member]:
+    if not isinstance(entry, Written):  # (key, source, identity, embedding)
+        entry = Written(*entry)
+    return identity_group(entry.source, str(entry.identity)), Member(
+        entry.key, entry.embedding, written=True, candidate=entry.candidate or Candidate(entry.key, written=True)
+    )
 
 
 class _PickRefs(beam.DoFn):
-    """(identity, members) -> (key, Refs) for each member that is not already written."""
+    """(identity, members) -> (key, Refs) for each member that is not already written.
 
-    def __init__(self, k: int, seed: int, dim: int):
+    Without an identity model the refs are `_GroupRefs`' seeded random choice among all
+    others (O(K) per member). With one, `verify_group` decides the verdicts, near-duplicates
+    and refs of the whole group (see transforms/verify.py)."""
+
+    def __init__(self, k: int, seed: int, dim: int, thresholds: Optional[Thresholds] = None, strategy: str = RANDOM):
         self._k, self._seed, self._dim = k, seed, dim
+        self._thresholds, self._strategy = thresholds, strategy
         self._singletons = counter(STAGE, "singletons")
         self._groups = counter(STAGE, "identities")
+        self._outliers = counter(STAGE, "outliers")
         self._group_size = Metrics.distribution(METRICS_NAMESPACE, f"{STAGE}.group_size")
 
-    def process(self, element: tuple[str, Iterable[Member]]) -> Iterator[tuple[str, Refs]]:
+    def process(self, element: tuple[str, Iterable[Member]]):
         _identity, members = element
         members = list(members)  # small records: keys and embeddings only
-        group = _GroupRefs(((m.key, m.embedding) for m in members), self._k, self._seed, self._dim)
         self._groups.inc()
-        self._group_size.update(len(group))
-        if len(group) == 1:
+        self._group_size.update(len(members))
+        if len(members) == 1:
             self._singletons.inc()
-        for member in members:
-            if not member.written:
-                ref_keys, refs = group.refs(member.key)
-                yield member.key, Refs(ref_keys, refs, member.split)
+        if self._thresholds is None:
+            group = _GroupRefs(((m.key, m.embedding) for m in members), self._k, self._seed, self._dim)
+            for member in members:
+                if not member.written:
+                    ref_keys, refs = group.refs(member.key)
+                    yield member.key, Refs(ref_keys, refs, member.split)
+            return
+        verdicts = verify_group([m.candidate for m in members], k=self._k, seed=self._seed,
+                                thresholds=self._thresholds, strategy=self._strategy)
+        embeddings = {m.key: m.embedding for m in members}
+        for member, verdict in zip(members, verdicts):
+            if member.written:
+                continue
+            if verdict.status == OUTLIER:
+                self._outliers.inc()
+            if verdict.ref_keys:
+                refs = np.stack([embeddings[r] for r in verdict.ref_keys]).astype(np.float32, copy=False)
+            else:
+                refs = np.zeros((0, self._dim), np.float32)
+            yield member.key, Refs(verdict.ref_keys, refs, member.split, verdict)
+
+
+def outlier_reason(verdict: Verdict, threshold: float) -> str:
+    return (f"identity outlier: {verdict.distance:.3f} from the identity's centre ({verdict.centre}), "
+            f"above the same-identity threshold {threshold}")
 
 
 class PairByIdentity(beam.PTransform):
@@ -189,21 +231,32 @@ class PairByIdentity(beam.PTransform):
     joined to their samples by key in the shard writer's own grouping (`WriteShards(refs=)`),
     so the samples cross one shuffle in all, and the K x D ref arrays one.
 
-    `done`: (key, source, identity, embedding) of samples already in complete shards (resume, retry):
-    they count as candidate refs exactly as in one uninterrupted run, and get no Refs.
+    `done`: `Written` records (or (key, source, identity, embedding) tuples) of samples already
+    in complete shards (resume, retry): they count as candidate refs exactly as in one
+    uninterrupted run, and get no Refs.
+
+    `mode` ("none", "clip", "face") and `thresholds`: with an identity model, each group is
+    verified (`transforms/verify.py`) and each Refs carries the member's `Verdict`; `strategy`
+    is "random" (seeded, the paper's) or "diverse" (farthest-first).
     """
 
     def __init__(
-        self, refs_per_sample: int, seed: int, dim: int, done: Sequence[tuple[str, str, str, np.ndarray]] = ()
+        self, refs_per_sample: int, seed: int, dim: int, done: Sequence = (), *, mode: str = "none",
+        thresholds: Optional[Thresholds] = None, strategy: str = RANDOM,
     ):
         super().__init__()
         if refs_per_sample < 0:
             raise ValueError("refs_per_sample must be >= 0")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown ref strategy {strategy!r}; choose one of {STRATEGIES}")
         self._k, self._seed, self._dim = refs_per_sample, seed, dim
         self._done = list(done)
+        self._mode = mode
+        self._thresholds = None if mode == "none" else thresholds
+        self._strategy = strategy
 
     def expand(self, samples):
-        members = samples | "KeyByIdentity" >> beam.Map(_member).with_output_types(tuple[str, Member])
+        members = samples | "KeyByIdentity" >> beam.Map(_member, mode=self._mode).with_output_types(tuple[str, Member])
         if self._done:
             written = (
                 samples.pipeline
@@ -214,12 +267,13 @@ class PairByIdentity(beam.PTransform):
         return (
             members
             | "GroupByIdentity" >> beam.GroupByKey()
-            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim)).with_output_types(tuple[str, Refs])
+            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim, self._thresholds, self._strategy))
+            .with_output_types(tuple[str, Refs])
         )
 
 
 def attach_refs(sample: Sample, refs: Refs) -> Sample:
-    return sample.with_(ref_keys=refs.ref_keys, refs=refs.refs)
+    return sample.with_(ref_keys=refs.ref_keys, refs=refs.refs, verdict=refs.verdict)
 
 
 def null_refs(sample: Sample, dim: int) -> Sample:

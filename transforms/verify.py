@@ -67,10 +67,15 @@ class Candidate:
     pixel_sha256: Optional[str] = None
     phash: Optional[str] = None
     written: bool = False
+    # Faces found in the image. A sample read back from a written shard carries only its
+    # chosen face's embedding, so the count is kept apart: the face choice of the others
+    # must not depend on whether a run was resumed.
+    face_count: Optional[int] = None
 
     @property
     def reference(self) -> bool:
-        return self.embeddings is not None and len(self.embeddings) == 1
+        count = self.face_count if self.face_count is not None else len(self.embeddings or ())
+        return bool(self.embeddings) and count == 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""PairByIdentity with identity verification, on a TestPipeline with assert_that."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from conftest import fn_api_runner
+from prep.schemas.records import SPECIFIC, Sample
+from prep.transforms.faces import Face
+from prep.transforms.pair import PairByIdentity, Written
+from prep.transforms.verify import OUTLIER, VERIFIED, Candidate, Thresholds
+
+DIM = 4
+T = Thresholds(same=0.6, duplicate=0.2)
+
+
+def emb(i: int) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    v[i % DIM] = 1.0
+    return v
+
+
+def face(x: float, y: float = 0.0) -> Face:
+    e = np.zeros(8, np.float32)
+    e[0], e[1] = x, y
+    return Face(box=(0, 0, 10, 10), landmarks=((1.0, 1.0),) * 5, embedding=e)
+
+
+def sample(key: str, identity: str, *faces: Face, pixels: str | None = None) -> Sample:
+    return Sample(key=key, source="folder", domain=SPECIFIC, path=f"/{key}.jpg", identity=identity,
+                  embedding=emb(len(key)), faces=tuple(faces), pixel_sha256=pixels or f"px-{key}", phash=f"ph-{key}")
+
+
+def summarize(entry):
+    key, refs = entry
+    v = refs.verdict
+    return key, v.status if v else None, refs.ref_keys, refs.refs.shape, v.near_duplicates if v else ()
+
+
+def test_face_mode_flags_outlier_and_duplicate():
+    samples = [sample("a1", "a", face(0.0)), sample("a2", "a", face(0.3)), sample("a3", "a", face(0.0, 0.3)),
+               sample("a3copy", "a", face(0.0, 0.31)), sample("ax", "a", face(3.0)),
+               sample("b1", "b", face(9.0))]
+    with TestPipeline(runner=fn_api_runner()) as p:
+        out = (p | beam.Create(samples)
+               | PairByIdentity(4, 0, DIM, mode="face", thresholds=T) | beam.Map(summarize))
+        assert_that(out, equal_to([
+            ("a1", VERIFIED, ("a2", "a3", "a3copy"), (3, DIM), ()),
+            ("a2", VERIFIED, ("a1", "a3", "a3copy"), (3, DIM), ()),
+            ("a3", VERIFIED, ("a1", "a2"), (2, DIM), ("a3copy",)),
+            ("a3copy", VERIFIED, ("a1", "a2"), (2, DIM), ("a3",)),
+            ("ax", OUTLIER, (), (0, DIM), ()),
+            ("b1", "single", (), (0, DIM), ()),
+        ]))
+
+
+def test_refs_are_the_refs_clip_embeddings_and_written_members_take_part():
+    samples = [sample("a1", "a", face(0.0)), sample("a2", "a", face(0.3))]
+    written = [Written("a0", "folder", "a", emb(7), Candidate("a0", (face(0.0, 0.3).embedding,), (100,), "px-a0", "ph-a0",
+                                                             written=True, face_count=1))]
+    with TestPipeline(runner=fn_api_runner()) as p:
+        out = (p | beam.Create(samples)
+               | PairByIdentity(4, 0, DIM, done=written, mode="face", thresholds=T)
+               | beam.Map(lambda kv: (kv[0], kv[1].ref_keys, kv[1].refs.tolist())))
+        assert_that(out, equal_to([
+            ("a1", ("a0", "a2"), [emb(7).tolist(), emb(2).tolist()]),
+            ("a2", ("a0", "a1"), [emb(7).tolist(), emb(2).tolist()]),
+        ]))
+
+
+def test_none_mode_ignores_identity_fields():
+    samples = [sample("a1", "a", face(0.0)), sample("ax", "a", face(3.0))]
+    with TestPipeline(runner=fn_api_runner()) as p:
+        out = p | beam.Create(samples) | PairByIdentity(4, 0, DIM, mode="none", thresholds=T) | beam.Map(summarize)
+        assert_that(out, equal_to([("a1", None, ("ax",), (1, DIM), ()), ("ax", None, ("a1",), (1, DIM), ())]))
