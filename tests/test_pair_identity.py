@@ -76,3 +76,21 @@ def test_none_mode_ignores_identity_fields():
     with TestPipeline(runner=fn_api_runner()) as p:
         out = p | beam.Create(samples) | PairByIdentity(4, 0, DIM, mode="none", thresholds=T) | beam.Map(summarize)
         assert_that(out, equal_to([("a1", None, ("ax",), (1, DIM), ()), ("ax", None, ("a1",), (1, DIM), ())]))
+
+
+def test_exact_duplicates_are_listed_and_dropped_after_the_first():
+    from prep.transforms.identity import DropListed, ExactDuplicates, duplicate_letters
+
+    samples = [sample("a1", "a", pixels="same"), sample("b7", "b", pixels="same"), sample("a0", "a", pixels="same"),
+               sample("c1", "c", pixels="other")]
+    with TestPipeline(runner=fn_api_runner()) as p:
+        created = p | beam.Create(samples)
+        groups = created | ExactDuplicates()
+        assert_that(groups, equal_to([("a0", "a1", "b7")]), label="groups")
+        listed = groups | beam.FlatMap(duplicate_letters)
+        kept, letters = created | DropListed(listed, "exact_duplicates")
+        assert_that(kept | "KeptKeys" >> beam.Map(lambda s: s.key), equal_to(["a0", "c1"]), label="kept")
+        assert_that(letters | beam.Map(lambda d: (d.key, d.stage, d.reason)), equal_to([
+            ("a1", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
+            ("b7", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
+        ]), label="letters")

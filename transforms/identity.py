@@ -26,9 +26,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import apache_beam as beam
 import numpy as np
 
-from prep.schemas.records import Sample
+from prep.schemas.records import DeadLetter, Sample
+from prep.transforms.common import DEAD, counter, dead
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import Reject, StageHandler
 from prep.transforms.verify import Thresholds
@@ -169,3 +171,70 @@ def candidate(sample: Sample, mode: str, *, written: bool = False):
         embeddings = tuple(f.embedding for f in faces)
         areas = tuple(f.area for f in faces)
     return Candidate(sample.key, embeddings, areas, sample.pixel_sha256, sample.phash, written)
+
+
+# -- run-wide steps around pairing ---------------------------------------------------------
+
+EXACT_DUPLICATE_REASON = "exact duplicate"
+
+
+def _digest_key(sample: Sample) -> tuple[str, str]:
+    return sample.pixel_sha256 or "", sample.key
+
+
+def _duplicate_groups(entry) -> list[tuple[str, ...]]:
+    digest, keys = entry
+    keys = sorted(keys)
+    return [tuple(keys)] if digest and len(keys) > 1 else []
+
+
+class ExactDuplicates(beam.PTransform):
+    """Samples (after the identity stage) -> one tuple of keys per set of images with the same
+    decoded pixels, sorted; the first key is the one kept by --drop-duplicates. Only
+    (digest, key) pairs are shuffled."""
+
+    def expand(self, samples):
+        return (
+            samples
+            | "DigestKey" >> beam.Map(_digest_key).with_output_types(tuple[str, str])
+            | "GroupByDigest" >> beam.GroupByKey()
+            | "Repeated" >> beam.FlatMap(_duplicate_groups).with_output_types(tuple[str, ...])
+        )
+
+
+def duplicate_letters(group: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(key, reason) for every key of a duplicate set but the first."""
+    first = group[0]
+    return [(key, f"{EXACT_DUPLICATE_REASON}: same decoded pixels as {first} (the first by key is kept)")
+            for key in group[1:]]
+
+
+class _DropListed(beam.DoFn):
+    """Samples whose key is in the side input (key -> reason) leave as dead letters."""
+
+    def __init__(self, stage: str, name: str):
+        self._stage = stage
+        self._dropped = counter(stage, name)
+
+    def process(self, sample: Sample, listed: dict):
+        reason = listed.get(sample.key)
+        if reason is None:
+            yield sample
+            return
+        self._dropped.inc()
+        yield dead(DeadLetter.of(sample, self._stage, reason))
+
+
+class DropListed(beam.PTransform):
+    """(samples, PCollection of (key, reason)) -> (kept samples, dead letters). The listed
+    keys are few (duplicates, outliers) and travel as a side input."""
+
+    def __init__(self, listed, name: str, stage: str = STAGE):
+        super().__init__()
+        self._listed, self._name, self._stage = listed, name, stage
+
+    def expand(self, samples):
+        out = samples | "Drop" >> beam.ParDo(
+            _DropListed(self._stage, self._name), listed=beam.pvalue.AsDict(self._listed)
+        ).with_outputs(DEAD, main="ok")
+        return out.ok, out[DEAD]
