@@ -94,3 +94,17 @@ def test_exact_duplicates_are_listed_and_dropped_after_the_first():
             ("a1", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
             ("b7", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
         ]), label="letters")
+
+
+def test_identity_totals_count_every_group_once():
+    from prep.transforms.pair import IdentityTotals
+
+    samples = [sample("a1", "a", face(0.0)), sample("a2", "a", face(0.3)), sample("a3", "a", face(0.0, 0.3)),
+               sample("a3copy", "a", face(0.0, 0.31)), sample("ax", "a", face(3.0)), sample("b1", "b", face(9.0)),
+               sample("c1", "c", face(0.0)), sample("c2", "c", face(5.0))]
+    pair = PairByIdentity(4, 0, DIM, mode="face", thresholds=T)
+    with TestPipeline(runner=fn_api_runner()) as p:
+        _ = p | beam.Create(samples) | pair
+        totals = pair.groups | beam.CombineGlobally(IdentityTotals())
+        assert_that(totals, equal_to([{"identities": 3, "identities_verified": 1, "duplicate_pairs": 1,
+                                       "samples": {"outlier": 1, "single": 1, "unverified": 2, "verified": 4}}]))

@@ -37,7 +37,16 @@ from apache_beam.metrics import Metrics
 
 from prep.schemas.records import Sample
 from prep.transforms.common import METRICS_NAMESPACE, counter
-from prep.transforms.verify import OUTLIER, RANDOM, STRATEGIES, Candidate, Thresholds, Verdict, verify_group
+from prep.transforms.verify import (
+    OUTLIER,
+    RANDOM,
+    STRATEGIES,
+    VERIFIED,
+    Candidate,
+    Thresholds,
+    Verdict,
+    verify_group,
+)
 
 STAGE = "pair"
 
@@ -205,6 +214,7 @@ class _PickRefs(beam.DoFn):
             return
         verdicts = verify_group([m.candidate for m in members], k=self._k, seed=self._seed,
                                 thresholds=self._thresholds, strategy=self._strategy)
+        yield beam.pvalue.TaggedOutput(GROUPS, group_summary(verdicts))
         embeddings = {m.key: m.embedding for m in members}
         for member, verdict in zip(members, verdicts):
             if member.written:
@@ -216,6 +226,63 @@ class _PickRefs(beam.DoFn):
             else:
                 refs = np.zeros((0, self._dim), np.float32)
             yield member.key, Refs(verdict.ref_keys, refs, member.split, verdict)
+
+
+def is_outlier(entry: tuple[str, Refs]) -> bool:
+    return entry[1].verdict is not None and entry[1].verdict.status == OUTLIER
+
+
+def outlier_letter(entry: tuple[str, Refs], threshold: float) -> tuple[str, str]:
+    return entry[0], outlier_reason(entry[1].verdict, threshold)
+
+
+GROUPS = "groups"  # per identity group: a GroupSummary (every member, written ones included)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    members: int
+    by_status: tuple[tuple[str, int], ...]
+    duplicate_pairs: int
+
+    @property
+    def verified(self) -> bool:
+        return dict(self.by_status).get(VERIFIED, 0) >= 2
+
+
+def group_summary(verdicts: Sequence[Verdict]) -> GroupSummary:
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v.status or "none"] = counts.get(v.status or "none", 0) + 1
+    pairs = sum(len(v.near_duplicates) for v in verdicts) // 2
+    return GroupSummary(len(verdicts), tuple(sorted(counts.items())), pairs)
+
+
+class IdentityTotals(beam.CombineFn):
+    """GroupSummary records -> the run's identity totals (the manifest's "identity" counts)."""
+
+    def create_accumulator(self):
+        return {"identities": 0, "identities_verified": 0, "duplicate_pairs": 0, "samples": {}}
+
+    def add_input(self, acc, summary: GroupSummary):
+        acc["identities"] += 1
+        acc["identities_verified"] += int(summary.verified)
+        acc["duplicate_pairs"] += summary.duplicate_pairs
+        for status, n in summary.by_status:
+            acc["samples"][status] = acc["samples"].get(status, 0) + n
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            for name in ("identities", "identities_verified", "duplicate_pairs"):
+                out[name] += acc[name]
+            for status, n in acc["samples"].items():
+                out["samples"][status] = out["samples"].get(status, 0) + n
+        return out
+
+    def extract_output(self, acc):
+        return {**acc, "samples": dict(sorted(acc["samples"].items()))}
 
 
 def outlier_reason(verdict: Verdict, threshold: float) -> str:
@@ -237,7 +304,9 @@ class PairByIdentity(beam.PTransform):
 
     `mode` ("none", "clip", "face") and `thresholds`: with an identity model, each group is
     verified (`transforms/verify.py`) and each Refs carries the member's `Verdict`; `strategy`
-    is "random" (seeded, the paper's) or "diverse" (farthest-first).
+    is "random" (seeded, the paper's) or "diverse" (farthest-first). After application,
+    `.groups` is the PCollection of one GroupSummary per identity (every member, written ones
+    included, so a resumed run counts as an uninterrupted one does), for `IdentityTotals`.
     """
 
     def __init__(
@@ -264,12 +333,14 @@ class PairByIdentity(beam.PTransform):
                 | "KeyWrittenByIdentity" >> beam.Map(_written_member).with_output_types(tuple[str, Member])
             )
             members = (members, written) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, Member])
-        return (
+        picked = (
             members
             | "GroupByIdentity" >> beam.GroupByKey()
             | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim, self._thresholds, self._strategy))
-            .with_output_types(tuple[str, Refs])
+            .with_outputs(GROUPS, main="refs")
         )
+        self.groups = picked[GROUPS]  # GroupSummary per identity (only with an identity model)
+        return picked.refs
 
 
 def attach_refs(sample: Sample, refs: Refs) -> Sample:
