@@ -83,7 +83,7 @@ def plain_loop(handler, samples) -> tuple[float, int, int]:
         pixels = np.asarray(image, np.uint8)
         pixel_digest(pixels)
         perceptual_hash(image)
-        found = find_faces(pixels, model.detector, model.descriptor)
+        found = find_faces(pixels, *model.get())
         faces += len(found)
         done += 1
     return time.perf_counter() - start, done, faces

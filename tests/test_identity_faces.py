@@ -228,3 +228,44 @@ def test_onnx_face_model_through_the_stage(tmp_path):
     faces = result.inference.faces
     assert len(faces) == 1 and faces[0].embedding.shape == (32,)
     assert abs(float(np.linalg.norm(faces[0].embedding)) - 1.0) < 1e-5
+
+
+THREADS_SCRIPT = r"""
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_identity_faces import sample_of, FACES
+from prep.transforms.identity import FACE, IdentityHandler
+
+handler = IdentityHandler(FACE, device="cpu", no_face="keep")
+model = handler.load_model()  # one loaded model, as RunInference shares it between threads
+samples = [sample_of(p, p.parent.name) for p in sorted((FACES / "people").glob("*/*"))[:6]]
+prepared = [handler.prepare(s, model) for s in samples]
+expected = [[f.embedding.tobytes() for f in r.faces] for r in handler.infer(prepared, model)]
+wrong = []
+def work(order):
+    for i in order:
+        got = [f.embedding.tobytes() for f in handler.infer([prepared[i]], model)[0].faces]
+        if got != expected[i]:
+            wrong.append(i)
+threads = [threading.Thread(target=work, args=(list(range(6))[::1 if k % 2 else -1] * 2,)) for k in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("WRONG", len(wrong))
+"""
+
+
+@needs_dlib
+def test_face_stage_is_safe_on_many_threads(tmp_path):
+    """dlib's models are not thread-safe: one instance used by two threads at once crashed the
+    process here (double free). RunInference shares a loaded model between a worker's threads,
+    so the stage keeps one copy per thread; run in a child so a crash fails only this test."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "WRONG 0" in done.stdout

@@ -23,6 +23,7 @@ Thresholds (Euclidean distances in each model's space; `--identity-threshold`,
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -84,10 +85,26 @@ class IdentityResult:
     faces: Optional[tuple] = None
 
 
-@dataclass
-class LoadedFaces:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
-    detector: Any = None
-    descriptor: Any = None
+class LoadedFaces:
+    """The face models of one worker process, one instance per thread that uses them.
+
+    RunInference shares a loaded model between all the threads of a process (Dataflow runs
+    many per worker), and dlib's detector and networks keep scratch buffers inside the
+    object: two threads in one `compute_face_descriptor` garble each other's results. So
+    each thread builds its own copy on first use (the weights are 31 MB; a copy loads in
+    ~0.5 s), and `get()` hands out the calling thread's. (A class, not a tuple: Beam's Shared
+    keeps a weak reference to it.)"""
+
+    def __init__(self, factory=None):
+        self._factory = factory
+        self._local = threading.local()
+
+    def get(self) -> tuple[Any, Any]:
+        models = getattr(self._local, "models", None)
+        if models is None:
+            models = self._factory() if self._factory else (None, None)
+            self._local.models = models
+        return models
 
 
 class IdentityHandler(StageHandler):
@@ -129,7 +146,14 @@ class IdentityHandler(StageHandler):
         from prep.transforms.faces import FaceDetector, load_descriptor
 
         device = "cpu" if self.device == "cpu" else "auto"
-        return LoadedFaces(FaceDetector(self.detect_max_side), load_descriptor(self.face_model, device=device))
+        max_side, face_model = self.detect_max_side, self.face_model
+
+        def build():
+            return FaceDetector(max_side), load_descriptor(face_model, device=device)
+
+        loaded = LoadedFaces(build)
+        loaded.get()  # load now, on the loading thread: a missing model fails here, not per element
+        return loaded
 
     def prepare(self, sample: Sample, model: LoadedFaces) -> Prepared:
         image = load_rgb(sample.image_jpeg)
@@ -140,11 +164,12 @@ class IdentityHandler(StageHandler):
         from prep.transforms.faces import find_faces
 
         results: list = []
+        detector, descriptor = model.get()
         for p in prepared:
             if self.mode != FACE:
                 results.append(IdentityResult(p.pixel_sha256, p.phash))
                 continue
-            faces = tuple(find_faces(p.pixels, model.detector, model.descriptor))
+            faces = tuple(find_faces(p.pixels, detector, descriptor))
             if not faces and self.no_face == NO_FACE_DROP:
                 h, w = p.pixels.shape[:2]
                 results.append(Reject(f"{NO_FACE_REASON}: no frontal face in {w}x{h} (detected on a copy of at most "
