@@ -9,7 +9,9 @@ starts). So the per-worker thread counts are environment variables set around `p
 from `OMP_NUM_THREADS` when it is imported, which in a worker is after the process starts) and
 `PREP_THREADS` (read by the mask stage for onnxruntime's `intra_op_num_threads`, which ignores
 OpenMP's variables), each `max(1, cores // N)`. The workers' own logging is set to WARNING
-(`--default_sdk_harness_log_level`), so the console shows prep's progress and summary only.
+(`--default_sdk_harness_log_level`, which the FnApiRunner does not pass to its workers by
+itself: `worker_provision_info`), so the console shows prep's progress and summary, plus
+one line per worker from Beam's import (apitools not found, logged before any option is read).
 Each worker loads every model once (N copies in memory), hence the memory cap of `auto`.
 
 Output does not depend on N: every step is a pure function of its input and the seed, and the
@@ -114,14 +116,38 @@ def worker_args(workers: int, beam_args: Sequence[str]) -> list[str]:
     args = list(beam_args)
     if workers <= 1 or any(a.startswith(("--direct_running_mode", "--direct_num_workers")) for a in args):
         return args
-    extra = ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
-    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-        extra.append("--default_sdk_harness_log_level=WARNING")
-    return extra + args
+    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] + args
 
 
 def threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
     return max(1, (machine_cores() if cores is None else cores) // max(1, workers))
+
+
+def worker_provision_info(options: PipelineOptions):
+    """For local multi_processing runs: what the FnApiRunner tells its SDK worker processes.
+
+    Its default provision info carries no pipeline options (the workers log
+    `Pipeline_options: {}`), so `--default_sdk_harness_log_level` never reaches them and they
+    print INFO to the console. This passes the logging options only (WARNING by default, the
+    harness's own start-up notes at ERROR); None for any other run.
+    """
+    if not is_local(options) or options.view_as(DirectOptions).direct_running_mode != "multi_processing":
+        return None
+    from google.protobuf import struct_pb2
+
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+
+    given = options.get_all_options(drop_default=True)
+    logging_options = {
+        "default_sdk_harness_log_level": given.get("default_sdk_harness_log_level") or "WARNING",
+        "sdk_harness_log_level_overrides": {"__main__": "ERROR", **(given.get("sdk_harness_log_level_overrides") or {})},
+    }
+    struct = struct_pb2.Struct()
+    struct.update({"options": logging_options})
+    return ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(retrieval_token="unused-retrieval-token", pipeline_options=struct)
+    )
 
 
 @contextlib.contextmanager

@@ -12,7 +12,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
-from prep.pipeline.local import check_options, is_local, resolve_workers, worker_args, worker_environment
+from prep.pipeline.local import (
+    check_options,
+    is_local,
+    resolve_workers,
+    worker_args,
+    worker_environment,
+    worker_provision_info,
+)
 from prep.pipeline.resume import (
     clear_retry_plan,
     read_run_state,
@@ -42,7 +49,7 @@ def make_runner(options: PipelineOptions):
         return None
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    return FnApiRunner()
+    return FnApiRunner(provision_info=worker_provision_info(options))
 
 
 def read_manifest(out: str) -> dict:

@@ -56,13 +56,21 @@ def test_run_refuses_multi_threading_before_writing_anything(demo, tiny_cache, t
 # ---------------------------------------------------------------------------- options
 
 
-def test_workers_map_to_multi_processing_with_quiet_sdk_logs():
+def test_workers_map_to_multi_processing():
     assert worker_args(1, ["--foo=1"]) == ["--foo=1"]
-    args = worker_args(3, [])
-    assert "--direct_running_mode=multi_processing" in args and "--direct_num_workers=3" in args
-    assert "--default_sdk_harness_log_level=WARNING" in args
+    assert worker_args(3, ["--foo=1"]) == ["--direct_running_mode=multi_processing", "--direct_num_workers=3", "--foo=1"]
     assert worker_args(3, ["--direct_num_workers=5"]) == ["--direct_num_workers=5"]  # the user's own win
-    assert worker_args(2, ["--default_sdk_harness_log_level=DEBUG"]).count("--default_sdk_harness_log_level=DEBUG") == 1
+
+
+def test_sdk_workers_get_the_logging_options():
+    from google.protobuf import json_format
+
+    assert local.worker_provision_info(PipelineOptions([])) is None
+    info = local.worker_provision_info(PipelineOptions(worker_args(2, [])))
+    sent = json_format.MessageToDict(info.provision_info.pipeline_options)["options"]
+    assert sent["default_sdk_harness_log_level"] == "WARNING" and sent["sdk_harness_log_level_overrides"]["__main__"] == "ERROR"
+    info = local.worker_provision_info(PipelineOptions(worker_args(2, ["--default_sdk_harness_log_level=DEBUG"])))
+    assert json_format.MessageToDict(info.provision_info.pipeline_options)["options"]["default_sdk_harness_log_level"] == "DEBUG"
 
 
 def test_auto_workers_is_cores_capped_by_memory_and_one_on_a_gpu(monkeypatch):
@@ -116,3 +124,32 @@ def test_two_workers_write_byte_identical_shards(pipeline_run, demo, tiny_cache,
     assert one == two
     assert manifest["reconciled"] and manifest["counts"] == pipeline_run["manifest"]["counts"]
     assert manifest["shards"] == pipeline_run["manifest"]["shards"]
+
+
+def test_cli_workers_default_to_auto_and_reach_the_config(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    captured = []
+
+    def fake_run(config, beam_args, **kwargs):
+        captured.append(config)
+        return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
+
+    monkeypatch.setattr("prep.pipeline.run.run", fake_run)
+    for extra, expected in (([], local.AUTO), (["--workers", "3"], 3)):
+        result = CliRunner().invoke(app, ["run", "-i", "celeba:/x", "--out", str(tmp_path / "o"), *extra])
+        assert result.exit_code == 0, result.output
+        assert captured[-1].workers == expected
+
+
+def test_a_run_resumes_with_another_number_of_workers():
+    from prep.pipeline.config import RunConfig
+    from prep.pipeline.resume import run_digest
+
+    def digest(**kw):
+        return run_digest(RunConfig(inputs=["celeba:/x"], out="o", **kw).to_json(), [], [], {})
+
+    assert digest(workers=1) == digest(workers=2) == digest(workers=0)
+    assert digest(seed=1) != digest(seed=0)  # the digest does see the config
