@@ -72,6 +72,7 @@ def run(
     Anything else is refused unless `overwrite`.
     """
     config.validate()
+    check_options(PipelineOptions(list(beam_args or [])))  # before anything is written
     out = config.out.rstrip("/")
     complete = FileSystems.exists(f"{out}/{contract.MANIFEST}")
     partial = not complete and (output_exists(out) or read_run_state(out) is not None)
@@ -114,7 +115,9 @@ def run(
         log.warning("%s", warning)
     beam_args = list(beam_args or [])
     if is_local(PipelineOptions(beam_args)):
-        beam_args = worker_args(resolve_workers(config.workers, config.preset, config.device), beam_args)
+        workers = resolve_workers(config.workers, config.preset, config.device)
+        log.info("local run on %d worker process(es)", workers)
+        beam_args = worker_args(workers, beam_args)
     options = PipelineOptions(beam_args)
     runner = make_runner(options)
     p = beam.Pipeline(runner=runner, options=options)

@@ -50,7 +50,7 @@ def test_run_refuses_multi_threading_before_writing_anything(demo, tiny_cache, t
     out = tmp_path / "out"
     with pytest.raises(UnsafeRunnerOptions):
         run(demo_config(demo, str(out), tiny_cache), ["--direct_running_mode=multi_threading"])
-    assert not list(out.rglob("*.tar"))
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------- options
