@@ -7,9 +7,11 @@ The cause (apache-beam 2.77, read in its source):
 
 1. In multi_threading mode the FnApiRunner runs its SDK workers as threads of its own process
    (`EmbeddedGrpcWorkerHandler`) and starts them with `data_buffer_time_limit_ms=1000`
-   (`worker_handlers.DATA_BUFFER_TIME_LIMIT_MS`; `config.get(...) or 1000`, so it cannot be
-   turned off through the environment's config). multi_processing workers
-   (`sdk_worker_main`) and the in_memory worker use 0: size-based flushing only.
+   (`worker_handlers.DATA_BUFFER_TIME_LIMIT_MS`: `config.get(...) or 1000`, and the runner
+   builds that environment itself, `EmbeddedPythonGrpcEnvironment.default()`, so no pipeline
+   option changes it). multi_processing workers (`sdk_worker_main`, unless the experiment
+   `data_buffer_time_limit_ms=N` is given) and the in_memory worker use 0: size-based
+   flushing only, at element boundaries.
 2. With a time limit above 0 every data output stream is a
    `data_plane.TimeBasedBufferingClosableOutputStream`: a `PeriodicThread` calls `flush()` every
    second, which sends whatever bytes the buffer holds as one `Elements.Data` message.
