@@ -1,7 +1,7 @@
 """Minimal reproduction, with no prep code, of Beam's `--direct_running_mode=multi_threading`
 losing and garbling elements.
 
-    python -m bench.mt_repro [--elements 200000] [--modes in_memory,multi_threading,...]
+    python -m bench.mt_repro [--elements 50000] [--modes in_memory,multi_threading,...]
 
 The cause (apache-beam 2.77, read in its source):
 
@@ -153,7 +153,7 @@ def run_mode(mode: str, workers: int, n: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mt_repro", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--elements", type=int, default=200_000)
+    parser.add_argument("--elements", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
