@@ -89,6 +89,8 @@ def run_cmd(
     trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
     model_cache: Optional[str] = typer.Option(None, help="where the tiny preset builds its models"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
+    workers: int = typer.Option(0, help="local runs: worker processes, byte-identical output for any N "
+                                "(0: the machine's cores, capped by memory; 1: one process)"),
     retry_dead_letter: bool = typer.Option(
         False, help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards"),
     progress: bool = typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)"),
@@ -108,7 +110,7 @@ def run_cmd(
         mask_threshold=mask_threshold, mask_min_fraction=mask_min_fraction, mask_fill=_parse_fill(mask_fill),
         refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, val_fraction=val_fraction, device=device,
         caption_batch_size=caption_batch_size, caption_model_copies=caption_model_copies, mask_batch_size=mask_batch_size,
-        embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache,
+        embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache, workers=workers,
     )
     try:
         config.validate()

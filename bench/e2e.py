@@ -1,7 +1,7 @@
 """End-to-end benchmark: images/s and peak memory of a whole `prep run --preset tiny`.
 
     python -m bench.e2e --identities 20 --images-per-identity 10 [--general-shards 2]
-                        [--scale 1 10] [--direct-running-mode in_memory] [--direct-num-workers 1]
+                        [--scale 1 10] [--workers 1] [--direct-running-mode in_memory] [--direct-num-workers 1]
 
 For each scale S the parent writes demo data (`prep.demo.write_demo_data`) with S times the
 identities and S times the general shards, then runs `prep.pipeline.run.run(RunConfig(...))`
@@ -17,8 +17,13 @@ multi-process runner); `peak_tree_rss_mb` is the sampled peak of all its process
 then prints how RSS grew against the data (`rss_ratio` vs `data_ratio`; the target is
 rss_ratio <= 1.2 for 10x data) and the slope, `kb_per_extra_image`.
 
-Exits non-zero if a run's manifest is not reconciled (inputs != written + dead-lettered): Beam's
-local multi_threading mode lost elements in some of our larger runs (see bench.pairing).
+`--workers N` runs it as `prep run --workers N` does (N SDK worker processes, Beam's
+multi_processing mode, per-worker thread counts; pipeline/local.py); compare `--workers 2`
+with `--workers 1` for the speed-up on a CPU-bound run.
+
+Exits non-zero if a run's manifest is not reconciled (inputs != written + dead-lettered).
+(`--direct-running-mode multi_threading` is refused by `run()`: Beam splits elements between
+data messages there; see bench/mt_repro.py.)
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--direct-running-mode", default="in_memory", choices=["in_memory", "multi_threading", "multi_processing"])
     parser.add_argument("--direct-num-workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="prep run --workers N (overrides --direct-*)")
     parser.add_argument("--model-cache", default=None, help="where the tiny models are built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the demo data and outputs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -97,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_cache = args.model_cache or str(root / "models")
     ensure_tiny_models(model_cache)
     beam_args = [f"--direct_running_mode={args.direct_running_mode}", f"--direct_num_workers={args.direct_num_workers}"]
+    if args.workers is not None:
+        beam_args = []
+    runner = f"workers={args.workers}" if args.workers is not None else f"{args.direct_running_mode}x{args.direct_num_workers}"
     lines = []
     try:
         for scale in args.scale:
@@ -111,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "samples_per_shard": args.samples_per_shard,
                     "refs_per_sample": args.refs_per_sample,
                     "overwrite": True,
+                    **({"workers": args.workers} if args.workers is not None else {}),
                 },
                 "beam_args": beam_args,
             }
@@ -121,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             images = r["counts"]["inputs"]
             line = {
                 "scale": scale,
-                "runner": f"{args.direct_running_mode}x{args.direct_num_workers}",
+                "runner": runner,
                 "images": images,
                 "specific": r["counts"]["specific"],
                 "general": r["counts"]["general"],

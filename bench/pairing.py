@@ -13,8 +13,13 @@ Variants, each in a fresh process so that their peak RSS are separate:
          refs gathered by fancy indexing. The floor for this work on one core.
   beam   `prep.transforms.pair.PairByIdentity` on Beam's in-memory FnApiRunner, fed minimal
          `Sample`s (key, source, domain, path, identity, embedding) made inside the pipeline.
-         (`--direct-running-mode multi_threading` is there to compare; at this size it lost
-         or garbled elements in some runs, which `complete` / `identical` then report.)
+         (`--direct-running-mode multi_threading` is kept to show Beam's bug: at this size it
+         lost 718 of 202,599 samples or failed with `Invalid PaneInfoEncoding`. The cause is
+         Beam's, not PairByIdentity's: multi_threading workers flush their data streams from a
+         timer thread (`data_buffer_time_limit_ms=1000`), which can cut an element between two
+         data messages. With only `worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = -1` patched in,
+         the same run was complete and identical to numpy. bench/mt_repro.py reproduces it
+         without prep; `prep run` refuses that mode.)
 
 Both variants reduce every output to the same summary: the count, an order-independent
 digest over all (key, ref_keys, refs bytes), and, for a deterministic sample of keys (about

@@ -72,6 +72,7 @@ class RunConfig:
     embed_batch_size: int = 32
     overwrite: bool = False
     model_cache: Optional[str] = None
+    workers: int = 1  # local runs: worker processes (0: auto, prep run's default; see pipeline/local.py)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -101,6 +102,8 @@ class RunConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.caption_model_copies is not None and self.caption_model_copies < 1:
             problems.append("--caption-model-copies must be >= 1")
+        if self.workers < 0:
+            problems.append("--workers must be >= 0 (0: the machine's cores, capped by memory)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             problems.append("--device must be auto, cpu or cuda[:N]")
         if problems:

@@ -12,6 +12,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
+from prep.pipeline.local import (
+    check_options,
+    is_local,
+    resolve_workers,
+    worker_args,
+    worker_environment,
+    worker_provision_info,
+)
 from prep.pipeline.resume import (
     clear_retry_plan,
     read_run_state,
@@ -34,12 +42,14 @@ def make_runner(options: PipelineOptions):
 
     (The DirectRunner first tries the Prism runner, which downloads a binary: offline that
     fails and falls back to the same FnApiRunner, slower and leaving files behind.)
+    Options known to lose or garble elements (multi_threading) are refused: pipeline/local.py.
     """
+    check_options(options)
     if options.view_as(StandardOptions).runner:
         return None
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    return FnApiRunner()
+    return FnApiRunner(provision_info=worker_provision_info(options))
 
 
 def read_manifest(out: str) -> dict:
@@ -62,6 +72,7 @@ def run(
     Anything else is refused unless `overwrite`.
     """
     config.validate()
+    check_options(PipelineOptions(list(beam_args or [])))  # before anything is written
     out = config.out.rstrip("/")
     complete = FileSystems.exists(f"{out}/{contract.MANIFEST}")
     partial = not complete and (output_exists(out) or read_run_state(out) is not None)
@@ -102,11 +113,17 @@ def run(
             log.warning("%s: %s", report.spec, warning)
     for warning in plan.warnings:
         log.warning("%s", warning)
-    options = PipelineOptions(list(beam_args or []))
+    beam_args = list(beam_args or [])
+    if is_local(PipelineOptions(beam_args)):
+        workers = resolve_workers(config.workers, config.preset, config.device)
+        log.info("local run on %d worker process(es)", workers)
+        beam_args = worker_args(workers, beam_args)
+    options = PipelineOptions(beam_args)
     runner = make_runner(options)
     p = beam.Pipeline(runner=runner, options=options)
     build_pipeline(p, plan, resume)
-    result = p.run()
+    with worker_environment(options):  # thread counts the SDK worker processes inherit
+        result = p.run()
     if not wait:
         return None
     result.wait_until_finish()

@@ -24,7 +24,7 @@ def _cli_args(demo: dict, out: Path, tiny_cache: str) -> list[str]:
         "--input", f"celeba:{demo['celeba_dir']}", "--input", f"wds:{demo['general_pattern']}",
         "--preset", "tiny", "--model-cache", tiny_cache, "--out", str(out),
         "--samples-per-shard", "7", "--refs-per-sample", "2", "--embed-batch-size", "4", "--caption-batch-size", "4",
-        "--no-progress",
+        "--no-progress", "--workers", "1",  # PREP_FAULT kills the process that runs the DoFns: keep it this one
     ]
 
 
@@ -182,7 +182,8 @@ def test_resume_refuses_when_a_kept_shard_would_change(tiny_cache, tmp_path):
     (root / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # fails in the killed run
     out = tmp_path / "out"
     args = [sys.executable, "-m", "prep.cli", "run", "--input", f"folder:{root.parent}", "--preset", "tiny",
-            "--model-cache", tiny_cache, "--out", str(out), "--samples-per-shard", "2", "--no-progress"]
+            "--model-cache", tiny_cache, "--out", str(out), "--samples-per-shard", "2", "--no-progress",
+            "--workers", "1"]
     proc = subprocess.run(args, env={**os.environ, "PREP_FAULT": "write.after_tar:2"}, capture_output=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert any(p.name.endswith("_stats.json") for p in (out / "specific").iterdir())  # one shard completed

@@ -73,6 +73,9 @@ def new_rembg_session(model: str, providers: Optional[list[str]] = None):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if os.environ.get("PREP_THREADS"):  # set per worker process by `prep run --workers N`
+        opts.intra_op_num_threads = int(os.environ["PREP_THREADS"])
+        opts.inter_op_num_threads = 1
     if is_custom_model(model):
         path = os.path.abspath(os.path.expanduser(model))
         if not os.path.isfile(path):
