@@ -74,3 +74,7 @@ def pipeline_run(demo, tiny, tiny_cache, tmp_path_factory) -> dict:
     config = demo_config(demo, out, tiny_cache)
     manifest = run(config, [])
     return {"out": out, "manifest": manifest, "config": config}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--golden-write", action="store_true", help="rewrite tests/golden_demo.json (test_golden.py)")
