@@ -22,7 +22,7 @@ from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fin
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
 from prep.pipeline.resume import RETRY_PLAN, RUN_STATE, ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
-from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
+from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, DeadLetterKind, Sample, SourceItem, SourceReport
 from prep.transforms import sources
 from prep.transforms.attributes import add_attribute_caption
 from prep.transforms.caption import CaptionHandler
@@ -104,7 +104,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             for item in items:
                 if item.key in seen:
                     plan.ingest_dead.append(
-                        DeadLetter.of(item, "ingest", f"duplicate key: {item.key} is also {seen[item.key]}")
+                        DeadLetter.of(item, "ingest", DeadLetterKind.DUPLICATE_KEY, f"duplicate key: {item.key} is also {seen[item.key]}")
                     )
                 else:
                     seen[item.key] = item.path
@@ -182,7 +182,7 @@ class _DropDuplicateKeys(beam.DoFn):
         winner = winners.get(sample.key)
         if winner is not None and sample.path != winner:
             self._dropped.inc()
-            yield dead(DeadLetter.of(sample, "ingest", f"duplicate key: {sample.key} is also {winner}"))
+            yield dead(DeadLetter.of(sample, "ingest", DeadLetterKind.DUPLICATE_KEY, f"duplicate key: {sample.key} is also {winner}"))
         else:
             yield sample
 
@@ -212,7 +212,7 @@ class _FinishGeneral(beam.DoFn):
     def process(self, sample: Sample):
         caption = (sample.caption_vlm if sample.caption_vlm is not None else sample.text or "").strip()
         if not caption:
-            yield dead(DeadLetter.of(sample, "caption", "no caption: general-domain sample has no text (use --caption-general)"))
+            yield dead(DeadLetter.of(sample, "caption", DeadLetterKind.NO_CAPTION, "no caption: general-domain sample has no text (use --caption-general)"))
             return
         yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)
 

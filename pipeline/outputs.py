@@ -50,11 +50,6 @@ def shard_folders(shards: list[ShardInfo]) -> list[str]:
     return sorted(folders, key=lambda f: (f.count("/"), f))
 
 
-def reason_class(reason: str) -> str:
-    """'not a decodable image: OSError ...' -> 'not a decodable image' (for counting)."""
-    return reason.split(":", 1)[0].strip()
-
-
 def dead_letter_lines(letters: list[DeadLetter]) -> bytes:
     ordered = sorted(letters, key=lambda d: (d.key, d.stage, d.reason, d.path or ""))
     return b"".join(json.dumps(d.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for d in ordered)
@@ -167,7 +162,7 @@ class WriteManifest(beam.PTransform):
     def expand(self, shard_infos):
         reasons = (
             self._dead
-            | "ReasonClass" >> beam.Map(lambda d: f"{d.stage}: {reason_class(d.reason)}")
+            | "ReasonClass" >> beam.Map(lambda d: contract.reason_count_key(d.stage, d.kind.value))
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
         return (

@@ -163,9 +163,7 @@ def _read_dead_letters(out: str) -> list[DeadLetter]:
     for meta in match.metadata_list:
         for line in _read(meta.path).decode("utf-8").splitlines():
             if line.strip():
-                d = json.loads(line)
-                letters.append(DeadLetter(key=d["key"], source=d["source"], stage=d["stage"], reason=d["reason"],
-                                          path=d.get("path")))
+                letters.append(DeadLetter.from_json(json.loads(line)))
     return letters
 
 
@@ -174,14 +172,15 @@ def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[De
 
     Computed once and saved (RETRY_PLAN): the retry rewrites the dead-letter file before its
     manifest, so a killed retry must not compute its plan again from the rewritten file.
-    A "duplicate key" letter is never retried: its key belongs to a sample already in a shard.
+    A letter whose key is taken (a duplicate key) is never retried: its key belongs to a sample
+    already in a shard.
     """
     path = f"{out}/{RETRY_PLAN}"
     if FileSystems.exists(path):
         saved = json.loads(_read(path).decode("utf-8"))
-        return frozenset(saved["only_keys"]), [DeadLetter(**d) for d in saved["kept_letters"]]
+        return frozenset(saved["only_keys"]), [DeadLetter.from_json(d) for d in saved["kept_letters"]]
     letters = _read_dead_letters(out)
-    kept = [d for d in letters if d.reason.startswith("duplicate key") or d.key in shard_keys]
+    kept = [d for d in letters if d.kind.key_is_taken or d.key in shard_keys]
     only = frozenset(d.key for d in letters if d not in kept) - shard_keys
     data = {"only_keys": sorted(only), "kept_letters": [d.to_json() for d in kept]}
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")

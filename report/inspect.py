@@ -209,7 +209,7 @@ def _stages(manifest_reasons: dict[str, int], found: dict[str, int]) -> dict[str
     """stage -> (dead-lettered per the manifest, dead letters found in the files)."""
     listed: dict[str, int] = {}
     for reason, n in manifest_reasons.items():
-        stage = reason.split(":", 1)[0].strip()
+        stage = contract.stage_of_count_key(reason)
         listed[stage] = listed.get(stage, 0) + int(n)
     names = set(listed) | set(found)
     order = sorted(names, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))

@@ -31,9 +31,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from prep.pipeline.outputs import reason_class
 from prep.schemas import contract
-from prep.schemas.records import DOMAINS, SPECIFIC
+from prep.schemas.records import DOMAINS, SPECIFIC, DeadLetterKind
 from prep.transforms.write import PARQUET_SCHEMA, embedding_norm, mask_fraction, parquet_name
 
 _SHARD_NAME = re.compile(rf"^\d{{{contract.SHARD_DIGITS}}}\.tar$")
@@ -109,7 +108,7 @@ def read_dead_letters(out_dir: str, *, examples: int = _EXAMPLES_PER_REASON) -> 
                         summary.problems.append(f"{contract.DEAD_LETTER_DIR}/{name}:{lineno}: not an object")
                         continue
                     stage = str(letter.get("stage") or "?")
-                    reason = f"{stage}: {reason_class(str(letter.get('reason') or '?'))}"
+                    reason = contract.reason_count_key(stage, DeadLetterKind.of_letter(letter).value)
                     summary.total += 1
                     reasons[reason] += 1
                     stages[stage] += 1

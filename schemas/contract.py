@@ -5,7 +5,7 @@ Output directory OUT:
   OUT/specific/NNNNNN.tar, OUT/general/NNNNNN.tar   WebDataset shards
   OUT/<domain>/sizes.json                           {"000000.tar": count, ...}
   OUT/manifest.json                                 schema_version, config, models, counts, shards
-  OUT/dead_letter/*.jsonl                           {"key", "source", "stage", "reason", ...}
+  OUT/dead_letter/*.jsonl                           {"key", "source", "stage", "kind", "reason", "path"}
 
 Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across runs):
   KEY.jpg       RGB image
@@ -63,6 +63,20 @@ JSON_FIELDS = (
 )
 
 DEAD_LETTER_FIELDS = ("key", "source", "stage", "reason")
+# The one addition to v1 since it was first written: each dead-letter line also carries
+# "kind", one of schemas.records.DeadLetterKind's values (what code decides by; "reason" is
+# the sentence for people). Lines without it (older runs) are classed by
+# DeadLetterKind.of_letter. The manifest's "dead_letter_reasons" counts letters per
+# reason_count_key(stage, kind).
+
+
+def reason_count_key(stage: str, kind: str) -> str:
+    """The manifest's dead_letter_reasons key: 'decode: not a decodable image'."""
+    return f"{stage}: {kind}"
+
+
+def stage_of_count_key(count_key: str) -> str:
+    return count_key.split(": ", 1)[0]
 
 # Fixed tar header values: same input + config -> byte-identical shards.
 TAR_MTIME = 0

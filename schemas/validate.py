@@ -53,7 +53,7 @@ from prep.schemas.contract import (
     shard_name,
     split_member,
 )
-from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC, is_valid_key
+from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC, DeadLetterKind, is_valid_key
 
 # Known member extensions, longest first, so that 'a.b.emb.npy' splits as ('a.b', 'emb.npy')
 # and the dotted key is reported as such instead of as an odd extension.
@@ -830,8 +830,12 @@ class _Validator:
         key = letter.get("key")
         # A second input that produced an existing key is dead-lettered under that key, while
         # its twin (a different input) is in a shard: that is the one allowed overlap.
-        duplicate = str(letter.get("reason", "")).startswith("duplicate key")  # ingest or in one tar
-        if isinstance(key, str) and key in self.where and not duplicate:
+        try:
+            kind = DeadLetterKind.of_letter(letter)
+        except ValueError:
+            self.problem(f"{where}: kind is {letter.get('kind')!r}, not one of {[k.value for k in DeadLetterKind]}")
+            return
+        if isinstance(key, str) and key in self.where and not kind.key_is_taken:
             self.problem(f"{where}: dead-lettered key {key!r} is also in shard {self.where[key]}")
 
     def reconcile(self, manifest: Optional[_ManifestInfo]) -> None:

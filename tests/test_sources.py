@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from prep.schemas.records import DeadLetter, SourceItem, is_valid_key
+from prep.schemas.records import DeadLetter, DeadLetterKind, SourceItem, is_valid_key
 from prep.transforms.common import DEAD
 from prep.transforms.sources import (
     ReadImageBytes,
@@ -245,6 +245,7 @@ def test_plan_celeba(tmp_path):
             key="celeba_000004",
             source="celeba",
             stage="ingest",
+            kind=DeadLetterKind.NO_IDENTITY_LINE,
             reason="no identity line: 000004.jpg is not in identity_CelebA.txt",
             path=str(images / "000004.jpg"),
         ),
@@ -252,6 +253,7 @@ def test_plan_celeba(tmp_path):
             key="celeba_000008",
             source="celeba",
             stage="ingest",
+            kind=DeadLetterKind.BAD_IDENTITY_LINE,
             reason=(
                 "bad identity line: line 5 of identity_CelebA.txt is '000008.jpg twenty', "
                 "not '<image> <numeric identity id>'"

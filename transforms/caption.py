@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from prep.schemas.records import Sample
+from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, Reject, StageHandler, resolve_device
 
@@ -135,7 +135,7 @@ class CaptionHandler(StageHandler):
         results = []
         for text in texts:
             caption = clean_caption(text, self.prompt)
-            results.append(caption if caption else Reject("captioner produced an empty caption"))
+            results.append(caption if caption else Reject(DeadLetterKind.EMPTY_CAPTION, DeadLetterKind.EMPTY_CAPTION.value))
         return results
 
     def apply(self, sample: Sample, caption: str) -> Sample:

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from prep.schemas.records import Sample
+from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, Reject, StageHandler
 
@@ -140,7 +140,7 @@ class MaskHandler(StageHandler):
             mask = binarize(soft, self.threshold)
             fraction = float(np.count_nonzero(mask)) / mask.size
             if fraction < self.min_fraction:
-                results.append(Reject(f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
+                results.append(Reject(DeadLetterKind.MASK_BELOW_FLOOR, f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
             else:
                 results.append((mask_png(mask), fraction))
         return results

@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from braceexpand import braceexpand
 
 from prep.schemas.contract import MAX_MEMBER_BYTES, iter_tar_members, split_member
-from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport, make_key
+from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, DeadLetterKind, Sample, SourceItem, SourceReport, make_key
 from prep.transforms.common import counter, dead
 
 SOURCE_KINDS = ("celeba", "folder", "wds")
@@ -344,6 +344,7 @@ def _duplicate_letter(key: str, source: str, path: str, first_path: str) -> Dead
         key=key,
         source=source,
         stage="ingest",
+        kind=DeadLetterKind.DUPLICATE_KEY,
         reason=f"duplicate key: {key} is also produced by {first_path}",
         path=path,
     )
@@ -420,13 +421,15 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
             bad_line = bad_identity_by_stem.get(stem)
             if bad_line is not None:
                 lineno, line = bad_line  # type: ignore[misc]
+                kind = DeadLetterKind.BAD_IDENTITY_LINE
                 reason = (
                     f"bad identity line: line {lineno} of {identity_file} is {line!r}, "
                     f"not '<image> <numeric identity id>'"
                 )
             else:
+                kind = DeadLetterKind.NO_IDENTITY_LINE
                 reason = f"no identity line: {name} is not in {identity_file}"
-            dead_letters.append(DeadLetter(key=key, source="celeba", stage="ingest", reason=reason, path=path))
+            dead_letters.append(DeadLetter(key=key, source="celeba", stage="ingest", kind=kind, reason=reason, path=path))
             continue
         items.append(
             SourceItem(
@@ -610,15 +613,15 @@ class ReadImageBytes(beam.DoFn):
                 data = f.read(self._max_bytes + 1)
         except Exception as exc:  # any filesystem error: the reason goes to the dead letter
             self._failed.inc()
-            yield dead(DeadLetter.of(item, "read", f"cannot read file: {type(exc).__name__}: {exc}"))
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.CANNOT_READ, f"cannot read file: {type(exc).__name__}: {exc}"))
             return
         if not data:
             self._empty.inc()
-            yield dead(DeadLetter.of(item, "read", "empty file: 0 bytes"))
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.EMPTY_FILE, "empty file: 0 bytes"))
             return
         if len(data) > self._max_bytes:
             self._too_large.inc()
-            yield dead(DeadLetter.of(item, "read", f"file too large: more than {self._max_bytes} bytes"))
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.FILE_TOO_LARGE, f"file too large: more than {self._max_bytes} bytes"))
             return
         self._ok.inc()
         yield Sample.from_item(item, raw=data)
@@ -697,6 +700,7 @@ class ReadWdsShard(beam.DoFn):
                         key=make_key("wds", current.key),
                         source="wds",
                         stage="read",
+                        kind=DeadLetterKind.INCOMPLETE_TAR_SAMPLE,
                         reason=(
                             f"incomplete tar sample: reading {url} failed in or right after sample "
                             f"{current.key} (members read: {read}), so members of it may be missing"
@@ -710,6 +714,7 @@ class ReadWdsShard(beam.DoFn):
                     key=make_key("wds", _tar_stem(url), "tar_error"),
                     source="wds",
                     stage="read",
+                    kind=DeadLetterKind.UNREADABLE_TAR,
                     reason=(
                         f"unreadable tar: {url} failed after {emitted} complete sample{'' if emitted == 1 else 's'} "
                         f"({type(exc).__name__}: {exc})"
@@ -725,23 +730,24 @@ class ReadWdsShard(beam.DoFn):
         key = make_key("wds", sample.key)
         path = f"{url}#{sample.key}"
 
-        def letter(reason: str) -> beam.pvalue.TaggedOutput:
-            return dead(DeadLetter(key=key, source="wds", stage="read", reason=reason, path=path))
+        def letter(kind: DeadLetterKind, details: str) -> beam.pvalue.TaggedOutput:
+            reason = f"{kind.value}: {details}"
+            return dead(DeadLetter(key=key, source="wds", stage="read", kind=kind, reason=reason, path=path))
 
         if sample.key in seen:
             self._duplicates.inc()
-            yield letter(f"duplicate key in tar: {sample.key} appears twice in {url} (its members are not consecutive)")
+            yield letter(DeadLetterKind.DUPLICATE_KEY_IN_TAR, f"{sample.key} appears twice in {url} (its members are not consecutive)")
             return
         seen.add(sample.key)
         if sample.duplicate is not None:
             self._duplicates.inc()
-            yield letter(f"duplicate member: {sample.key}.{sample.duplicate} appears twice in one tar sample")
+            yield letter(DeadLetterKind.DUPLICATE_MEMBER, f"{sample.key}.{sample.duplicate} appears twice in one tar sample")
             return
         image = sample.image()
         if image is None:
             self._no_image.inc()
             found = ", ".join(sorted(sample.extensions)) or "nothing"
-            yield letter(f"no image member: tar sample {sample.key} has {found} but no {'/'.join(WDS_IMAGE_EXTS)}")
+            yield letter(DeadLetterKind.NO_IMAGE_MEMBER, f"tar sample {sample.key} has {found} but no {'/'.join(WDS_IMAGE_EXTS)}")
             return
 
         text: Optional[str] = None
