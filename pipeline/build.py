@@ -20,8 +20,10 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
-from prep.pipeline.resume import RETRY_PLAN, RUN_STATE, ResumeState
+from prep.pipeline.resume import ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
+from prep.atomic import write_atomic
+from prep.schemas import contract
 from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, DeadLetterKind, Sample, SourceItem, SourceReport
 from prep.transforms import sources
 from prep.transforms.attributes import add_attribute_caption
@@ -32,7 +34,7 @@ from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
 from prep.transforms.inference import ModelStage
 from prep.transforms.mask import MaskHandler
 from prep.transforms.pair import PairByIdentity, null_refs
-from prep.transforms.write import WriteShards, write_atomic
+from prep.transforms.write import WriteShards
 
 
 @dataclass
@@ -144,7 +146,6 @@ def plan_run(config: RunConfig) -> RunPlan:
 
 INLINE_ITEMS = 10_000  # above this, the planned items go to files, not into the job graph
 ITEMS_PER_FILE = 50_000
-PLAN_DIR = "_plan"
 
 
 def _item_line(item: SourceItem) -> str:
@@ -164,7 +165,7 @@ def stage_items(plan: RunPlan, out: str, inline_limit: Optional[int] = None) -> 
     if len(plan.items) <= (INLINE_ITEMS if inline_limit is None else inline_limit):
         plan.items_pattern = None
         return
-    base = f"{out.rstrip('/')}/{PLAN_DIR}"
+    base = f"{out.rstrip('/')}/{contract.PLAN_DIR}"
     ordered = sorted(plan.items, key=lambda i: i.key)
     for n, start in enumerate(range(0, len(ordered), ITEMS_PER_FILE)):
         lines = "".join(_item_line(i) + "\n" for i in ordered[start:start + ITEMS_PER_FILE])
@@ -231,11 +232,6 @@ def _key_in(record, keys: frozenset[str]) -> bool:
 
 def _by_split(sample: Sample, _n: int) -> int:
     return SPLITS.index(sample.split or TRAIN)
-
-
-def split_dir(out: str, split: str) -> str:
-    """Train shards live in OUT/<domain>/ (contract v1); other splits in OUT/<split>/<domain>/."""
-    return out if split == TRAIN else f"{out}/{split}"
 
 
 class _SkipDone(beam.DoFn):
@@ -318,7 +314,7 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     done, first, kept = resume.keys, resume.first_index, resume.kept_indices()
     written = [
         general.ok | "WriteGeneral" >> WriteShards(
-            out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0),
+            out, TRAIN, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0),
             kept_indices=kept.get((TRAIN, GENERAL), ()),
         )
     ]
@@ -327,11 +323,9 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
             continue
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
         infos = part | label >> WriteShards(
-            split_dir(out, split), SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
+            out, split, SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
             first.get((split, SPECIFIC), 0), refs=part_refs, kept_indices=kept.get((split, SPECIFIC), ()),
         )
-        if split != TRAIN:
-            infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)
         written.append(infos)
     if resume.shards:
         written.append(p | "KeptShards" >> beam.Create(resume.shards))
@@ -351,22 +345,16 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
 
 
 def output_exists(out: str) -> bool:
+    """Whether OUT holds anything a run writes (contract.OUTPUT_ENTRIES)."""
     from apache_beam.io.filesystems import FileSystems
 
-    return any(
-        FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in ("manifest.json", SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
-    )
+    return any(FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in contract.OUTPUT_ENTRIES)
 
 
 def clear_output(out: str) -> None:
+    """Remove everything a run writes under OUT, its bookkeeping included (contract.RUN_ENTRIES)."""
     from apache_beam.io.filesystems import FileSystems
 
-    base = out.rstrip("/")
-    names = ("manifest.json", RUN_STATE, RETRY_PLAN, PLAN_DIR, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
-    paths = [f"{base}/{n}" for n in names]
-    existing = [p for p in paths if FileSystems.exists(p)]
+    existing = [p for p in (f"{out.rstrip('/')}/{n}" for n in contract.RUN_ENTRIES) if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)
-
-
-

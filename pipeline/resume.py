@@ -21,12 +21,10 @@ from typing import Optional
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from prep.schemas import contract
-from prep.schemas.records import DOMAINS, SPECIFIC, DeadLetter, ShardInfo
-from prep.transforms.write import parquet_name, stats_name, write_atomic
-
-RUN_STATE = "_run.json"
-RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written (a killed retry reruns it)
+from prep.atomic import write_atomic
+from prep.schemas import contract, output
+from prep.schemas.contract import RETRY_PLAN, RUN_STATE
+from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo
 # Config fields that do not change what is written. (The padded stages' batch sizes and the
 # device do: a model's output for one element depends on the batch size it is run in.)
 _NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra")
@@ -89,32 +87,25 @@ def write_run_state(out: str, digest: str, config_json: dict) -> None:
     write_atomic(f"{out.rstrip('/')}/{RUN_STATE}", json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _read(path: str) -> bytes:
-    with FileSystems.open(path) as f:
-        return f.read()
+_read = output.read_bytes
 
 
 def scan_completed(out: str) -> ResumeState:
     """Keep verified complete shards; delete partial ones and temporary files."""
     out = out.rstrip("/")
     state = ResumeState()
-    for split in contract.SPLITS:
-        for domain in DOMAINS:
-            folder = f"{out}/{contract.shard_folder(split, domain)}"
-            if not FileSystems.exists(folder):
-                continue
-            (match,) = FileSystems.match([f"{folder}/*"])
-            names = {m.path.rsplit("/", 1)[-1]: m.path for m in match.metadata_list}
-            doomed = [path for name, path in names.items() if name.startswith(".")]  # temp files
-            for name in sorted(n for n in names if n.endswith(".tar") and not n.startswith(".")):
-                info = _verify(folder, name, names, split, domain, state)
-                if info is None:
-                    doomed += [names[n] for n in (name, parquet_name(name), stats_name(name)) if n in names]
-                else:
-                    state.shards.append(info)
-            if doomed:
-                FileSystems.delete(doomed)
-                state.removed += doomed
+    for split, domain in contract.split_domains():
+        names = output.folder_files(out, split, domain)
+        doomed = [path for name, path in names.items() if name.startswith(".")]  # temp files
+        for shard in output.shards_in(names, split, domain):
+            info = _verify(shard, state)
+            if info is None:
+                doomed += [p for p in (shard.path, shard.sidecar, shard.stats) if p is not None]
+            else:
+                state.shards.append(info)
+        if doomed:
+            FileSystems.delete(doomed)
+            state.removed += doomed
     return state
 
 
@@ -131,40 +122,34 @@ def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[tuple[str,
     return keys, specific
 
 
-def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[ShardInfo]:
-    stats_file = stats_name(name)
-    if stats_file not in names or parquet_name(name) not in names:
+def _verify(shard: output.Shard, state: ResumeState) -> Optional[ShardInfo]:
+    if shard.stats is None or shard.sidecar is None:
         return None
     try:
-        stats = json.loads(_read(names[stats_file]).decode("utf-8"))
-        data = _read(names[name])
-    except (OSError, ValueError):
+        stats = json.loads(_read(shard.stats).decode("utf-8"))
+        data = _read(shard.path)
+    except output.READ_ERRORS:
         return None
     if hashlib.sha256(data).hexdigest() != stats.get("sha256") or len(data) != stats.get("bytes"):
         return None
     try:
-        keys, specific = _shard_records(data, domain)
+        keys, specific = _shard_records(data, shard.domain)
     except Exception:  # noqa: BLE001 - a shard that does not read back is redone
         return None
     if len(keys) != stats.get("count"):
         return None
-    state.keys.setdefault((split, domain), []).extend(keys)
+    state.keys.setdefault((shard.split, shard.domain), []).extend(keys)
     state.specific.extend(specific)
-    return ShardInfo(domain=domain, name=name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
-                     keys_first=keys[0] if keys else "", keys_last=keys[-1] if keys else "", split=split)
+    return ShardInfo(domain=shard.domain, name=shard.name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
+                     split=shard.split)
 
 
 def _read_dead_letters(out: str) -> list[DeadLetter]:
-    letters: list[DeadLetter] = []
-    folder = f"{out}/{contract.DEAD_LETTER_DIR}"
-    if not FileSystems.exists(folder):
-        return letters
-    (match,) = FileSystems.match([f"{folder}/*.jsonl"])
-    for meta in match.metadata_list:
-        for line in _read(meta.path).decode("utf-8").splitlines():
-            if line.strip():
-                letters.append(DeadLetter.from_json(json.loads(line)))
-    return letters
+    return [
+        DeadLetter.from_json(line.letter)
+        for name, path in output.dead_letter_files(out).items()
+        for line in output.iter_dead_letter_lines(path, f"{contract.DEAD_LETTER_DIR}/{name}")
+    ]
 
 
 def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[DeadLetter]]:
@@ -203,27 +188,22 @@ def scan_for_retry(out: str, manifest: dict) -> ResumeState:
     shard_keys: set[str] = set()
     listed: dict[tuple[str, str], set[str]] = {}
     for entry in manifest["shards"]:
-        split = entry.get("split", "train")
+        split = entry.get("split", contract.TRAIN)
         listed.setdefault((split, entry["domain"]), set()).add(entry["name"])
         state.shards.append(ShardInfo(domain=entry["domain"], name=entry["name"], count=entry["count"],
                                       sha256=entry["sha256"], bytes=entry["bytes"], split=split))
-    for split in contract.SPLITS:
-        for domain in DOMAINS:
-            folder = f"{out}/{contract.shard_folder(split, domain)}"
-            names = listed.get((split, domain), set())
-            state.first_index[(split, domain)] = len(names)
-            if not FileSystems.exists(folder):
-                continue
-            (match,) = FileSystems.match([f"{folder}/*"])
-            for meta in match.metadata_list:
-                name = meta.path.rsplit("/", 1)[-1]
-                base = name.split(".")[0].split("_")[0]
-                if name.startswith(".") or (base.isdigit() and f"{base}.tar" not in names):
-                    FileSystems.delete([meta.path])
-                    state.removed.append(meta.path)
-                elif name in names:
-                    keys, specific = _shard_records(_read(meta.path), domain)
-                    shard_keys.update(keys)
-                    state.specific.extend(specific)
+    for split, domain in contract.split_domains():
+        names = listed.get((split, domain), set())
+        state.first_index[(split, domain)] = len(names)
+        files = output.folder_files(out, split, domain)
+        for name, path in files.items():
+            base = name.split(".")[0].split("_")[0]
+            if name.startswith(".") or (base.isdigit() and f"{base}{contract.SHARD_SUFFIX}" not in names):
+                FileSystems.delete([path])
+                state.removed.append(path)
+            elif name in names:
+                keys, specific = _shard_records(_read(path), domain)
+                shard_keys.update(keys)
+                state.specific.extend(specific)
     state.only_keys, state.kept_letters = _retry_plan(out, shard_keys)
     return state

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from prep.atomic import write_atomic
 from prep.report.charts import describe, histogram_svg
 from prep.report.page import Chart, Ref, ReportPage, Triplet, caption_parts, render_page
 from prep.report.read import (
@@ -35,7 +36,7 @@ from prep.report.read import (
 )
 from prep.schemas import contract
 from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC
-from prep.transforms.write import mask_fraction, write_atomic
+from prep.transforms.write import mask_fraction
 
 THUMB_SIDE = 136
 REF_SIDE = 80

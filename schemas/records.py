@@ -21,9 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-SPECIFIC = "specific"
-GENERAL = "general"
-DOMAINS = (SPECIFIC, GENERAL)
+from prep.schemas.contract import DOMAINS, GENERAL, SPECIFIC  # noqa: F401 - the contract names them
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -205,8 +203,6 @@ class ShardInfo:
     count: int
     sha256: str
     bytes: int
-    keys_first: str = ""
-    keys_last: str = ""
     split: str = "train"  # "train" shards live in OUT/<domain>/, others in OUT/<split>/<domain>/
 
 

@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 import torch
 
+from prep.schemas import contract
+from prep.schemas.output import read_manifest
 from prep.trainer.data import TripletStream
 from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
 
@@ -120,13 +122,12 @@ class TrainConfig:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill defaults (general folder, checkpoint path, models from the manifest) and validate."""
     c = TrainConfig.from_dict(config.to_dict())
-    c.general = c.general or os.path.join(c.shards, "general")
+    c.general = c.general or os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.GENERAL))
     c.checkpoint = c.checkpoint or os.path.join(c.out, "checkpoint.pt")
     c.decay_steps = c.decay_steps or c.max_steps
-    manifest_path = os.path.join(c.shards, "manifest.json")
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+    manifest_path = os.path.join(c.shards, contract.MANIFEST)
+    manifest = read_manifest(c.shards) if os.path.isfile(manifest_path) else None
+    if manifest is not None:
         models = manifest.get("models", {})
         embed, mask = models.get("embed", {}), models.get("mask", {})
         c.clip_model = c.clip_model or embed.get("model")
@@ -260,7 +261,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("UNet: %.2fM parameters, device %s", sum(p.numel() for p in model.parameters()) / 1e6, device)
 
     stream = TripletStream(
-        os.path.join(c.shards, "specific"), c.general, ratio=c.ratio, omega=c.omega, text_drop=c.text_drop,
+        os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.SPECIFIC)), c.general, ratio=c.ratio, omega=c.omega, text_drop=c.text_drop,
         object_drop=c.object_drop, image_size=c.image_size, batch_size=c.batch_size, embed_dim=c.embed_dim,
         seed=c.seed, shuffle_buffer=c.shuffle_buffer, start_batch=step,
     )
