@@ -20,7 +20,7 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
-from prep.pipeline.resume import ResumeState
+from prep.pipeline.resume import Continuation
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.atomic import write_atomic
 from prep.schemas import contract
@@ -51,24 +51,35 @@ class RunPlan:
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
     embed: Optional[EmbedHandler] = None
+    fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
 
     @property
     def launch_inputs(self) -> int:
         return len(self.items) + len(self.ingest_dead)
+
+    def hash_model_weights(self) -> dict[str, dict]:
+        """Hash every model's weights (GBs for the paper preset; cached across runs by
+        path, size and mtime in pipeline/fingerprint.py), once per plan."""
+        if self.fingerprints is None:
+            self.fingerprints = {
+                "caption": fingerprint_caption(self.models.caption_model),
+                "mask": fingerprint_mask(self.models.mask_model),
+                "embed": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
+            }
+        return self.fingerprints
+
+    def models_header(self) -> dict:
+        """The manifest's "models": each handler's settings and its weights' fingerprint."""
+        fingerprints = self.hash_model_weights()
+        handlers = {"caption": self.caption, "mask": self.mask, "embed": self.embed}
+        return {stage: {**handler.describe(), "fingerprint": fingerprints[stage]} for stage, handler in handlers.items()}
 
     def manifest_header(self) -> dict:
         return {
             "created_by": f"prep {prep.__version__}",
             "config": self.config.to_json(),
             "embedding_dim": self.dim,
-            "models": {
-                "caption": {**self.caption.describe(), "fingerprint": fingerprint_caption(self.models.caption_model)},
-                "mask": {**self.mask.describe(), "fingerprint": fingerprint_mask(self.models.mask_model)},
-                "embed": {
-                    **self.embed.describe(),
-                    "fingerprint": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
-                },
-            },
+            "models": self.models_header(),
             "sources": [r.to_json() for r in self.reports],
             "warnings": list(self.warnings),
             "splits": self.split_counts(),
@@ -248,37 +259,12 @@ class _SkipDone(beam.DoFn):
             yield sample
 
 
-def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState] = None) -> None:
+def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuation] = None) -> None:
+    """The paper's steps, top to bottom. `resume` (a killed run, or --retry-dead-letter) only
+    says what to skip at ingest and what the writers and the manifest add; see pipeline/resume.py (Resume, Retry)."""
     cfg = plan.config
-    resume = resume or ResumeState()
-    out = cfg.out.rstrip("/")
-    letters = []
-
-    # Ingest: small items fan out before the bytes are read.
-    only = resume.only_keys
-    if plan.items_pattern and only is None:
-        listed = (
-            p
-            | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
-            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
-        )
-    else:
-        listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
-    items = listed | "FanOutImages" >> beam.Reshuffle()
-    images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
-    tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
-    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
-    letters += [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
-    streamed_inputs = (
-        (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
-    )
-    samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
-    samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
-    letters.append(duplicates)
-    if resume.done_keys:
-        samples = samples | "SkipDone" >> beam.ParDo(_SkipDone(resume.done_keys))
-    if only is not None:
-        samples = samples | "OnlyRetried" >> beam.Filter(_key_in, keys=only)
+    resume = resume or Continuation()
+    samples, letters, streamed_inputs = _ingest(p, plan, resume)
 
     decode = DecodeParams(
         max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side
@@ -308,40 +294,78 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
 
-    # Write shards (whole identities per split), dead letters and the manifest.
+    shard_infos = _write_shards(p, plan, resume, specific, refs, general.ok)
+    dead_letters = _dead_letters(p, resume, letters)
+    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(cfg.out.rstrip("/"))
+    launch_inputs = plan.launch_inputs
+    if resume.inputs is not None:  # a retry: the inputs are still the original run's
+        launch_inputs = resume.inputs
+        streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
+    shard_infos | "WriteManifest" >> WriteManifest(
+        cfg.out.rstrip("/"), plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs
+    )
+
+
+def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
+    """Planned items and input tars -> unique-keyed samples still to process, the ingest dead
+    letters, and the count of inputs found in tars (known only once they are read)."""
+    only = resume.only_keys
+    if plan.items_pattern and only is None:
+        listed = (
+            p
+            | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
+            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
+        )
+    else:
+        listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
+    # Small items fan out before the bytes are read.
+    items = listed | "FanOutImages" >> beam.Reshuffle()
+    images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
+    tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
+    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
+    letters = [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
+    streamed_inputs = (
+        (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
+    )
+    samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
+    samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
+    letters.append(duplicates)
+    if resume.done_keys:
+        samples = samples | "SkipDone" >> beam.ParDo(_SkipDone(resume.done_keys))
+    if only is not None:
+        samples = samples | "OnlyRetried" >> beam.Filter(_key_in, keys=only)
+    return samples, letters, streamed_inputs
+
+
+def _write_shards(p: beam.Pipeline, plan: RunPlan, resume: Continuation, specific, refs, general):
+    """One writer per (split, domain) that has samples (whole identities per split); the shards
+    a resume keeps join the written ones for the manifest."""
+    cfg, out = plan.config, plan.config.out.rstrip("/")
     by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
     refs_by_split = refs | "SplitRefsBySplit" >> beam.Partition(_refs_by_split, len(SPLITS))
-    done, first, kept = resume.keys, resume.first_index, resume.kept_indices()
     written = [
-        general.ok | "WriteGeneral" >> WriteShards(
-            out, TRAIN, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0),
-            kept_indices=kept.get((TRAIN, GENERAL), ()),
-        )
+        general | "WriteGeneral" >> WriteShards(out, TRAIN, GENERAL, cfg.samples_per_shard, **resume.for_writer(TRAIN, GENERAL))
     ]
     for split, part, part_refs in zip(SPLITS, by_split, refs_by_split):
         if split != TRAIN and not any(i.split == split for i in plan.items):
             continue
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
-        infos = part | label >> WriteShards(
-            out, split, SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
-            first.get((split, SPECIFIC), 0), refs=part_refs, kept_indices=kept.get((split, SPECIFIC), ()),
-        )
-        written.append(infos)
+        written.append(part | label >> WriteShards(
+            out, split, SPECIFIC, cfg.samples_per_shard, refs=part_refs, **resume.for_writer(split, SPECIFIC)
+        ))
     if resume.shards:
         written.append(p | "KeptShards" >> beam.Create(resume.shards))
-    shard_infos = written | "AllShards" >> beam.Flatten()
+    return written | "AllShards" >> beam.Flatten()
+
+
+def _dead_letters(p: beam.Pipeline, resume: Continuation, letters):
     dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
-    if only is not None:  # a retry: a sample already in a shard is never also a dead letter
+    if resume.only_keys is not None:  # a retry: a sample already in a shard is never also a dead letter
         dead_letters = (
-            dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=only),
+            dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=resume.only_keys),
             p | "KeptDeadLetters" >> beam.Create(resume.kept_letters),
         ) | "WithKeptDeadLetters" >> beam.Flatten()
-    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
-    launch_inputs = plan.launch_inputs
-    if resume.inputs is not None:  # a retry: the inputs are still the original run's
-        launch_inputs = resume.inputs
-        streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
-    shard_infos | "WriteManifest" >> WriteManifest(out, plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs)
+    return dead_letters
 
 
 def output_exists(out: str) -> bool:

@@ -22,32 +22,41 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
+from prep.pipeline.config import RunConfig  # noqa: F401 - run_digest's argument
 from prep.schemas import contract, output
 from prep.schemas.contract import RETRY_PLAN, RUN_STATE
 from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo
-# Config fields that do not change what is written. (The padded stages' batch sizes and the
-# device do: a model's output for one element depends on the batch size it is run in.)
-_NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra")
 
 
 @dataclass
-class ResumeState:
-    """What an output folder already holds, verified, and what this run must still do.
+class Continuation:
+    """What an output folder already holds (verified) and so what a run skips and adds; the
+    pipeline asks only this. The empty one is a fresh run. `Resume` and `Retry` fill it.
 
-    Resume (a killed run): `keys` are the samples of complete shards, which take part in the
-    shard boundaries and are not processed again. Retry (--retry-dead-letter on a complete
-    run): only `only_keys` are processed; their shards go after the existing ones
-    (`first_index`), and the input count stays the original run's (`inputs`).
+    shards: complete shards that stay, listed in the manifest beside the new ones.
+    specific: (key, source, identity, embedding) of their specific samples: candidate refs.
+    removed: files deleted while scanning (partial shards, temporary files).
     """
 
     shards: list[ShardInfo] = field(default_factory=list)
-    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (split, domain) -> keys
-    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)  # (key, source, identity, emb)
+    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Retry: ingest processes only these keys; the dead letters and the manifest add the
+    # letters carried over and keep the original input count.
     only_keys: Optional[frozenset[str]] = None
-    first_index: dict[tuple[str, str], int] = field(default_factory=dict)
+    kept_letters: list[DeadLetter] = field(default_factory=list)
     inputs: Optional[int] = None
-    kept_letters: list[DeadLetter] = field(default_factory=list)  # retry: letters carried over as they are
+
+    @property
+    def done_keys(self) -> frozenset[str]:
+        """Keys ingest skips: already in kept shards (a resume)."""
+        return frozenset()
+
+    def for_writer(self, split: str, domain: str) -> dict:
+        """What one (split, domain) shard writer must know: keys already in kept shards (they
+        take part in the shard boundaries), the index its new shards start at, and the indices
+        it must never write again."""
+        return {"done_keys": (), "first_index": 0, "kept_indices": self.kept_indices().get((split, domain), ())}
 
     def kept_indices(self) -> dict[tuple[str, str], set[int]]:
         """(split, domain) -> indices of the shards kept (resume) or already listed (retry)."""
@@ -56,20 +65,44 @@ class ResumeState:
             out.setdefault((info.split, info.domain), set()).add(int(info.name.split(".")[0]))
         return out
 
+
+@dataclass
+class Resume(Continuation):
+    """A killed run of the same digest: `keys` (per split and domain) are the samples of its
+    complete shards; they are not processed again but take part in the shard boundaries, so
+    the rest land exactly where an uninterrupted run puts them."""
+
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
     @property
     def done_keys(self) -> frozenset[str]:
         return frozenset(k for keys in self.keys.values() for k in keys)
 
+    def for_writer(self, split: str, domain: str) -> dict:
+        return {**super().for_writer(split, domain), "done_keys": self.keys.get((split, domain), ())}
 
-def run_digest(config_json: dict, items: list, wds_urls: list[str], models: dict) -> str:
-    """sha256 of what decides the output; a rerun with another digest must not resume."""
-    relevant = {k: v for k, v in sorted(config_json.items()) if k not in _NOT_OUTPUT}
+
+@dataclass
+class Retry(Continuation):
+    """--retry-dead-letter on a complete run: only `only_keys` are processed; their shards go
+    after the existing ones (`first_index`), the letters that are not retried are carried over,
+    and the input count stays the original run's."""
+
+    first_index: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def for_writer(self, split: str, domain: str) -> dict:
+        return {**super().for_writer(split, domain), "first_index": self.first_index.get((split, domain), 0)}
+
+
+def run_digest(config: "RunConfig", items: list, wds_urls: list[str], fingerprints: dict[str, dict]) -> str:
+    """sha256 of what decides the output; a rerun with another digest must not resume.
+
+    The config's part is `RunConfig.digest_json()`: each field says whether it counts."""
     payload = {
-        "config": relevant,
+        "config": config.digest_json(),
         "items": [[i.key, i.path, i.identity, i.split, i.domain] for i in items],
         "wds": sorted(wds_urls),
-        "models": {stage: (m.get("fingerprint") or {}).get("sha256") or (m.get("fingerprint") or {}).get("id")
-                   for stage, m in sorted(models.items())},
+        "models": {stage: (f or {}).get("sha256") or (f or {}).get("id") for stage, f in sorted(fingerprints.items())},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -90,10 +123,10 @@ def write_run_state(out: str, digest: str, config_json: dict) -> None:
 _read = output.read_bytes
 
 
-def scan_completed(out: str) -> ResumeState:
+def scan_completed(out: str) -> Resume:
     """Keep verified complete shards; delete partial ones and temporary files."""
     out = out.rstrip("/")
-    state = ResumeState()
+    state = Resume()
     for split, domain in contract.split_domains():
         names = output.folder_files(out, split, domain)
         doomed = [path for name, path in names.items() if name.startswith(".")]  # temp files
@@ -122,7 +155,7 @@ def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[tuple[str,
     return keys, specific
 
 
-def _verify(shard: output.Shard, state: ResumeState) -> Optional[ShardInfo]:
+def _verify(shard: output.Shard, state: Resume) -> Optional[ShardInfo]:
     if shard.stats is None or shard.sidecar is None:
         return None
     try:
@@ -178,13 +211,13 @@ def clear_retry_plan(out: str) -> None:
         FileSystems.delete([path])
 
 
-def scan_for_retry(out: str, manifest: dict) -> ResumeState:
+def scan_for_retry(out: str, manifest: dict) -> Retry:
     """A complete run's shards are kept as they are; its dead-lettered inputs are redone.
 
     Shards beyond the manifest (left by a killed earlier retry) are removed first.
     """
     out = out.rstrip("/")
-    state = ResumeState(inputs=manifest["counts"]["inputs"])
+    state = Retry(inputs=manifest["counts"]["inputs"])
     shard_keys: set[str] = set()
     listed: dict[tuple[str, str], set[str]] = {}
     for entry in manifest["shards"]:

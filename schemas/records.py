@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from prep.schemas import contract
 from prep.schemas.contract import DOMAINS, GENERAL, SPECIFIC  # noqa: F401 - the contract names them
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -77,7 +78,6 @@ class Sample:
     height: Optional[int] = None
     # Text that came with the input (general-domain alt text), if any.
     text: Optional[str] = None
-    extra_json: Optional[dict] = None
     caption_vlm: Optional[str] = None
     caption_attributes: Optional[str] = None
     caption: Optional[str] = None
@@ -203,7 +203,7 @@ class ShardInfo:
     count: int
     sha256: str
     bytes: int
-    split: str = "train"  # "train" shards live in OUT/<domain>/, others in OUT/<split>/<domain>/
+    split: str = contract.TRAIN  # where it lives: contract.shard_folder(split, domain)
 
 
 @dataclass

@@ -51,8 +51,8 @@ def _fixed_digest() -> str:
     config = RunConfig(inputs=["celeba:/data/celeba", "wds:/data/{0..1}.tar"], out="/out", preset="tiny", seed=3)
     items = [SourceItem(key="celeba_000001", source="celeba", domain="specific", path="/data/celeba/1.jpg",
                         identity="7", split="val")]
-    models = {"caption": {"fingerprint": {"sha256": "ab"}}, "embed": {"fingerprint": {"id": "hub:x"}}, "mask": {}}
-    return run_digest(config.to_json(), items, ["/data/0.tar", "/data/1.tar"], models)
+    fingerprints = {"caption": {"sha256": "ab"}, "embed": {"id": "hub:x"}, "mask": {}}
+    return run_digest(config, items, ["/data/0.tar", "/data/1.tar"], fingerprints)
 
 
 def test_demo_output_is_byte_identical_to_recorded(pipeline_run, demo, tiny_cache, request):

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 
+from prep.atomic import write_atomic
+from prep.device import resolve_device
 from prep.schemas import contract
 from prep.schemas.output import read_manifest
 from prep.trainer.data import TripletStream
@@ -150,14 +153,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return c
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
-    return torch.device(device)
+def torch_device(device: str) -> torch.device:
+    """The trainer's --device, by the pipeline's rule (prep/device.py)."""
+    return torch.device(resolve_device(device))
 
 
 def load_text_encoder(clip_model: str, clip_pretrained: Optional[str], device: torch.device) -> TextEncoder:
@@ -189,10 +187,9 @@ def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: a killed run never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(os.path.abspath(path), buffer.getvalue())
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -226,7 +223,7 @@ def _loss_log(path: str, keep_until: int):
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and return {'step', 'start_step', 'losses' (this run's), ...}."""
     c = resolve(config)
-    device = resolve_device(c.device)
+    device = torch_device(c.device)
     if c.threads:
         torch.set_num_threads(c.threads)
     os.makedirs(c.out, exist_ok=True)

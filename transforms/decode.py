@@ -34,11 +34,13 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
 from prep.transforms.common import counter, dead
 
 STAGE = "decode"
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; PIL's own default warns at ~89M and fails at 179M
+# 8000 x 8000 by default; PIL's own default warns at ~89M and fails at 179M.
+DEFAULT_MAX_PIXELS = RunConfig.default("max_pixels")
 ORIENTATION_TAG = 0x0112
 
 # Reason kinds (schemas.records.DeadLetterKind; a reason reads "<kind>: <details>").
@@ -69,9 +71,9 @@ def _reject(kind: DeadLetterKind, details: str) -> ImageRejected:
 @dataclass(frozen=True)
 class DecodeParams:
     max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = 16
-    max_aspect: float = 10.0
-    max_side: Optional[int] = None
+    min_side: int = RunConfig.default("min_side")
+    max_aspect: float = RunConfig.default("max_aspect")
+    max_side: Optional[int] = RunConfig.default("max_side")
     jpeg_quality: int = 95
 
 

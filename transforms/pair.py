@@ -115,13 +115,6 @@ class _GroupRefs:
         return tuple(ref_keys), refs
 
 
-def refs_for_identity(members: Iterable[tuple[str, np.ndarray]], k: int, seed: int, dim: int):
-    """All (key, (ref_keys, refs[K, D])) of one identity group, in the members' order."""
-    group = _GroupRefs(members, k, seed, dim)
-    for key in group.members():
-        yield key, group.refs(key)
-
-
 @dataclass(frozen=True)
 class Member:
     """What pairing groups by identity: a key, its embedding and its split, never image bytes.

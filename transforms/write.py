@@ -48,20 +48,21 @@ from prep.transforms.pair import Refs, attach_refs
 STAGE = "write"
 
 
+# KEY.json holds contract.JSON_FIELDS; each is the Sample attribute of that name, except these.
+# (A new per-sample field: a Sample field and its name in contract.JSON_FIELDS.)
+_JSON_VALUES = {
+    "identity": lambda s: s.identity if s.domain == SPECIFIC else None,
+    "attributes": lambda s: dict(sorted(s.attributes.items())) if s.attributes else None,
+    "caption": lambda s: s.caption or "",
+    "ref_keys": lambda s: list(s.ref_keys),
+    "schema_version": lambda s: contract.SCHEMA_VERSION,
+}
+
+
 def sample_json(sample: Sample) -> dict:
     return {
-        "key": sample.key,
-        "domain": sample.domain,
-        "source": sample.source,
-        "identity": sample.identity if sample.domain == SPECIFIC else None,
-        "attributes": dict(sorted(sample.attributes.items())) if sample.attributes else None,
-        "caption_vlm": sample.caption_vlm,
-        "caption_attributes": sample.caption_attributes,
-        "caption": sample.caption or "",
-        "width": sample.width,
-        "height": sample.height,
-        "ref_keys": list(sample.ref_keys),
-        "schema_version": contract.SCHEMA_VERSION,
+        name: _JSON_VALUES[name](sample) if name in _JSON_VALUES else getattr(sample, name)
+        for name in contract.JSON_FIELDS
     }
 
 
@@ -160,6 +161,16 @@ class ShardRow:
         )
 
 
+# Each PARQUET_SCHEMA column is the ShardRow attribute of that name, except these.
+# (A new column: a field in schemas/sidecars.py and in ShardRow.)
+_PARQUET_VALUES = {
+    "status": lambda row: STATUS_SUCCESS,
+    "error_message": lambda row: None,
+    "ref_keys": lambda row: list(row.ref_keys),
+    "ref_count": lambda row: len(row.ref_keys),
+}
+
+
 def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     """The rows as a parquet file (PARQUET_SCHEMA), in the given order.
 
@@ -168,27 +179,8 @@ def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     """
     columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
     for row in rows:
-        values = {
-            "key": row.key,
-            "status": STATUS_SUCCESS,
-            "error_message": None,
-            "domain": row.domain,
-            "source": row.source,
-            "identity": row.identity,
-            "caption": row.caption,
-            "caption_vlm": row.caption_vlm,
-            "caption_attributes": row.caption_attributes,
-            "caption_words": row.caption_words,
-            "width": row.width,
-            "height": row.height,
-            "jpg_bytes": row.jpg_bytes,
-            "ref_keys": list(row.ref_keys),
-            "ref_count": len(row.ref_keys),
-            "mask_fraction": row.mask_fraction,
-            "emb_norm": row.emb_norm,
-        }
-        for name, value in values.items():
-            columns[name].append(value)
+        for name, values in columns.items():
+            values.append(_PARQUET_VALUES[name](row) if name in _PARQUET_VALUES else getattr(row, name))
     table = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
