@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/prep
 # Dependencies first (cached layer), then the code.
 COPY pyproject.toml README.md ./
-COPY __init__.py cli.py demo.py ./
+COPY __init__.py cli.py demo.py atomic.py device.py ./
 COPY schemas/ schemas/
 COPY transforms/ transforms/
 COPY pipeline/ pipeline/

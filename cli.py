@@ -7,11 +7,14 @@ Options that `prep run` does not know are Beam pipeline options and pass through
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
+import typing
+from typing import Any, List, Optional
 
 import typer
 
@@ -44,75 +47,41 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _parse_fill(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) != 3:
-        raise typer.BadParameter("expected R,G,B, e.g. 255,255,255")
-    return parts[0], parts[1], parts[2]
+def _config_parameters() -> tuple[list[inspect.Parameter], dict[str, Any]]:
+    """One CLI option per RunConfig field: its flags, help and default come from the field."""
+    from prep.pipeline.config import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    params, annotations = [], {}
+    for f in dataclasses.fields(RunConfig):
+        kind = f.metadata.get("cli_type") or hints[f.name]
+        kind = List[str] if kind == list[str] else kind
+        if f.default is dataclasses.MISSING:
+            default = ...
+        elif "cli_default" in f.metadata:
+            default = f.metadata["cli_default"]
+        else:
+            default = f.metadata.get("cli_text") or f.default
+        option = typer.Option(default, *f.metadata.get("flags", ()), help=f.metadata.get("help"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[f.name] = kind
+    return params, annotations
 
 
-@app.command(
-    "run",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
-def run_cmd(
+def _run_cmd(
     ctx: typer.Context,
-    inputs: List[str] = typer.Option(..., "--input", "-i", help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)"),
-    out: str = typer.Option(..., "--out", "-o", help="output directory (local path or gs://...)"),
-    preset: str = typer.Option("small", help="models: paper (BLIP-2, ViT-L-14, u2net), small, or tiny (offline)"),
-    caption_model: Optional[str] = typer.Option(None, help="Hugging Face id or local directory"),
-    caption_prompt: Optional[str] = typer.Option(None, help="prompt given to the captioner"),
-    caption_max_new_tokens: int = typer.Option(30),
-    caption_num_beams: int = typer.Option(1),
-    caption_general: bool = typer.Option(False, help="also caption general-domain images with the VLM"),
-    caption_join: str = typer.Option(". ", help="separator between the VLM and attribute captions"),
-    clip_model: Optional[str] = typer.Option(None, help="open_clip model name or model-config JSON path"),
-    clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or checkpoint path"),
-    mask_model: Optional[str] = typer.Option(None, help="rembg model name or a custom ONNX file"),
-    mask_threshold: float = typer.Option(0.5, help="foreground when soft mask >= threshold"),
-    mask_min_fraction: Optional[float] = typer.Option(None, help="dead-letter masks with less foreground"),
-    mask_fill: str = typer.Option("255,255,255", help="R,G,B of the background in the masked image"),
-    max_side: Optional[int] = typer.Option(None, help="downscale images whose longer side exceeds this"),
-    min_side: int = typer.Option(16),
-    max_aspect: float = typer.Option(10.0),
-    refs_per_sample: int = typer.Option(4, help="K: same-identity references per sample"),
-    seed: int = typer.Option(0),
-    samples_per_shard: int = typer.Option(1000),
-    val_fraction: float = typer.Option(0.0, help="whole identities into OUT/val (CelebA's partition file wins)"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    caption_batch_size: int = typer.Option(8),
-    caption_model_copies: Optional[int] = typer.Option(
-        None, help="load the captioner once per worker machine, this many copies shared by all its processes "
-        "(Beam's large-model mode, for BLIP-2-sized models)"),
-    mask_batch_size: int = typer.Option(8),
-    embed_batch_size: int = typer.Option(32),
-    trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
-    model_cache: Optional[str] = typer.Option(None, help="where the tiny preset builds its models"),
-    overwrite: bool = typer.Option(False, help="replace an existing output"),
-    workers: int = typer.Option(0, help="local runs: worker processes, byte-identical output for any N "
-                                "(0: the machine's cores, capped by memory; 1: one process)"),
-    retry_dead_letter: bool = typer.Option(
-        False, help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards"),
-    progress: bool = typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    retry_dead_letter: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
+    **values: Any,
 ):
     """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards."""
     _setup_logging(verbose)
     from prep.pipeline.config import RunConfig
     from prep.pipeline.run import OutputExists, format_summary, run
 
-    config = RunConfig(
-        inputs=list(inputs), out=out, preset=preset, caption_model=caption_model,
-        clip_model=clip_model, clip_pretrained=clip_pretrained, mask_model=mask_model,
-        caption_prompt=caption_prompt, caption_max_new_tokens=caption_max_new_tokens,
-        caption_num_beams=caption_num_beams, caption_general=caption_general, caption_join=caption_join,
-        trust_remote_code=trust_remote_code, max_side=max_side, min_side=min_side, max_aspect=max_aspect,
-        mask_threshold=mask_threshold, mask_min_fraction=mask_min_fraction, mask_fill=_parse_fill(mask_fill),
-        refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, val_fraction=val_fraction, device=device,
-        caption_batch_size=caption_batch_size, caption_model_copies=caption_model_copies, mask_batch_size=mask_batch_size,
-        embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache, workers=workers,
-    )
     try:
+        config = RunConfig.from_cli(values)
         config.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -126,9 +95,30 @@ def run_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if manifest is not None:
-        typer.echo(format_summary(manifest, out))
+        typer.echo(format_summary(manifest, config.out))
         if not manifest.get("reconciled"):
             raise typer.Exit(1)
+
+
+def _register_run() -> None:
+    """`prep run`: RunConfig's fields, then the options of this command alone."""
+    params, annotations = _config_parameters()
+    own = [
+        ("retry_dead_letter", bool, typer.Option(
+            False, help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards")),
+        ("progress", bool, typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)")),
+        ("verbose", bool, typer.Option(False, "--verbose", "-v")),
+    ]
+    for name, kind, option in own:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[name] = kind
+    ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    _run_cmd.__signature__ = inspect.Signature([ctx, *params])
+    _run_cmd.__annotations__ = {"ctx": typer.Context, **annotations}
+    app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_run_cmd)
+
+
+_register_run()
 
 
 @app.command("validate")

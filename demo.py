@@ -50,6 +50,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from prep.atomic import write_atomic
 from prep.transforms.attributes import CELEBA_ATTRIBUTES
 
 __all__ = ["write_demo_data", "CELEBA_IMAGE_SIZE", "GENERAL_IMAGE_SIZE", "JPEG_QUALITY"]
@@ -135,13 +136,6 @@ def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling, so a killed run leaves no partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -435,7 +429,7 @@ def _write_celeba(
         rng = np.random.default_rng([seed, _STREAM_IMAGE, k, j])
         image_labels = _image_labels(rng)
         filename = f"{number:06d}.jpg"
-        _write_atomic(image_dir / filename, _jpeg(_draw_face(person, image_labels, rng)))
+        write_atomic(image_dir / filename, _jpeg(_draw_face(person, image_labels, rng)))
         record(filename, person, {**person.labels, **image_labels})
 
     for c in range(corrupt):
@@ -443,14 +437,14 @@ def _write_celeba(
         rng = np.random.default_rng([seed, _STREAM_CORRUPT, c])
         person = people[c % identities]
         filename = f"{number:06d}.jpg"
-        _write_atomic(image_dir / filename, _corrupt_jpeg(rng))
+        write_atomic(image_dir / filename, _corrupt_jpeg(rng))
         record(filename, person, {**person.labels, **_image_labels(rng)})
 
     total = len(order) + corrupt
     header = [str(total), " ".join(CELEBA_ATTRIBUTES) + " "]  # the original's trailing space
-    _write_atomic(root / "identity_CelebA.txt", ("\n".join(identity_lines) + "\n").encode())
-    _write_atomic(root / "list_attr_celeba.txt", ("\n".join(header + attr_lines) + "\n").encode())
-    _write_atomic(root / "list_eval_partition.txt", ("\n".join(partition_lines) + "\n").encode())
+    write_atomic(root / "identity_CelebA.txt", ("\n".join(identity_lines) + "\n").encode())
+    write_atomic(root / "list_attr_celeba.txt", ("\n".join(header + attr_lines) + "\n").encode())
+    write_atomic(root / "list_eval_partition.txt", ("\n".join(partition_lines) + "\n").encode())
     return len(order), corrupt
 
 
@@ -563,7 +557,7 @@ def _write_general(root: Path, *, shards: int, per_shard: int, seed: int) -> int
             members[f"{key}.jpg"] = _jpeg(image)
             members[f"{key}.txt"] = caption.encode("utf-8")
             members[f"{key}.json"] = json.dumps(meta).encode("utf-8")
-        _write_atomic(root / f"{shard:0{_SHARD_DIGITS}d}.tar", _tar_bytes(members))
+        write_atomic(root / f"{shard:0{_SHARD_DIGITS}d}.tar", _tar_bytes(members))
     return shards * per_shard
 
 

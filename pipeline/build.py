@@ -20,9 +20,11 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
-from prep.pipeline.resume import RETRY_PLAN, RUN_STATE, ResumeState
+from prep.pipeline.resume import Continuation
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
-from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, Sample, SourceItem, SourceReport
+from prep.atomic import write_atomic
+from prep.schemas import contract
+from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, DeadLetterKind, Sample, SourceItem, SourceReport
 from prep.transforms import sources
 from prep.transforms.attributes import add_attribute_caption
 from prep.transforms.caption import CaptionHandler
@@ -32,7 +34,7 @@ from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
 from prep.transforms.inference import ModelStage
 from prep.transforms.mask import MaskHandler
 from prep.transforms.pair import PairByIdentity, null_refs
-from prep.transforms.write import WriteShards, write_atomic
+from prep.transforms.write import WriteShards
 
 
 @dataclass
@@ -49,24 +51,35 @@ class RunPlan:
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
     embed: Optional[EmbedHandler] = None
+    fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
 
     @property
     def launch_inputs(self) -> int:
         return len(self.items) + len(self.ingest_dead)
+
+    def hash_model_weights(self) -> dict[str, dict]:
+        """Hash every model's weights (GBs for the paper preset; cached across runs by
+        path, size and mtime in pipeline/fingerprint.py), once per plan."""
+        if self.fingerprints is None:
+            self.fingerprints = {
+                "caption": fingerprint_caption(self.models.caption_model),
+                "mask": fingerprint_mask(self.models.mask_model),
+                "embed": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
+            }
+        return self.fingerprints
+
+    def models_header(self) -> dict:
+        """The manifest's "models": each handler's settings and its weights' fingerprint."""
+        fingerprints = self.hash_model_weights()
+        handlers = {"caption": self.caption, "mask": self.mask, "embed": self.embed}
+        return {stage: {**handler.describe(), "fingerprint": fingerprints[stage]} for stage, handler in handlers.items()}
 
     def manifest_header(self) -> dict:
         return {
             "created_by": f"prep {prep.__version__}",
             "config": self.config.to_json(),
             "embedding_dim": self.dim,
-            "models": {
-                "caption": {**self.caption.describe(), "fingerprint": fingerprint_caption(self.models.caption_model)},
-                "mask": {**self.mask.describe(), "fingerprint": fingerprint_mask(self.models.mask_model)},
-                "embed": {
-                    **self.embed.describe(),
-                    "fingerprint": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
-                },
-            },
+            "models": self.models_header(),
             "sources": [r.to_json() for r in self.reports],
             "warnings": list(self.warnings),
             "splits": self.split_counts(),
@@ -104,7 +117,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             for item in items:
                 if item.key in seen:
                     plan.ingest_dead.append(
-                        DeadLetter.of(item, "ingest", f"duplicate key: {item.key} is also {seen[item.key]}")
+                        DeadLetter.of(item, "ingest", DeadLetterKind.DUPLICATE_KEY, f"duplicate key: {item.key} is also {seen[item.key]}")
                     )
                 else:
                     seen[item.key] = item.path
@@ -144,7 +157,6 @@ def plan_run(config: RunConfig) -> RunPlan:
 
 INLINE_ITEMS = 10_000  # above this, the planned items go to files, not into the job graph
 ITEMS_PER_FILE = 50_000
-PLAN_DIR = "_plan"
 
 
 def _item_line(item: SourceItem) -> str:
@@ -164,7 +176,7 @@ def stage_items(plan: RunPlan, out: str, inline_limit: Optional[int] = None) -> 
     if len(plan.items) <= (INLINE_ITEMS if inline_limit is None else inline_limit):
         plan.items_pattern = None
         return
-    base = f"{out.rstrip('/')}/{PLAN_DIR}"
+    base = f"{out.rstrip('/')}/{contract.PLAN_DIR}"
     ordered = sorted(plan.items, key=lambda i: i.key)
     for n, start in enumerate(range(0, len(ordered), ITEMS_PER_FILE)):
         lines = "".join(_item_line(i) + "\n" for i in ordered[start:start + ITEMS_PER_FILE])
@@ -182,7 +194,7 @@ class _DropDuplicateKeys(beam.DoFn):
         winner = winners.get(sample.key)
         if winner is not None and sample.path != winner:
             self._dropped.inc()
-            yield dead(DeadLetter.of(sample, "ingest", f"duplicate key: {sample.key} is also {winner}"))
+            yield dead(DeadLetter.of(sample, "ingest", DeadLetterKind.DUPLICATE_KEY, f"duplicate key: {sample.key} is also {winner}"))
         else:
             yield sample
 
@@ -212,7 +224,7 @@ class _FinishGeneral(beam.DoFn):
     def process(self, sample: Sample):
         caption = (sample.caption_vlm if sample.caption_vlm is not None else sample.text or "").strip()
         if not caption:
-            yield dead(DeadLetter.of(sample, "caption", "no caption: general-domain sample has no text (use --caption-general)"))
+            yield dead(DeadLetter.of(sample, "caption", DeadLetterKind.NO_CAPTION, "no caption: general-domain sample has no text (use --caption-general)"))
             return
         yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)
 
@@ -233,11 +245,6 @@ def _by_split(sample: Sample, _n: int) -> int:
     return SPLITS.index(sample.split or TRAIN)
 
 
-def split_dir(out: str, split: str) -> str:
-    """Train shards live in OUT/<domain>/ (contract v1); other splits in OUT/<split>/<domain>/."""
-    return out if split == TRAIN else f"{out}/{split}"
-
-
 class _SkipDone(beam.DoFn):
     """Resume: samples already in complete shards are not processed again."""
 
@@ -252,37 +259,12 @@ class _SkipDone(beam.DoFn):
             yield sample
 
 
-def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState] = None) -> None:
+def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuation] = None) -> None:
+    """The paper's steps, top to bottom. `resume` (a killed run, or --retry-dead-letter) only
+    says what to skip at ingest and what the writers and the manifest add; see pipeline/resume.py (Resume, Retry)."""
     cfg = plan.config
-    resume = resume or ResumeState()
-    out = cfg.out.rstrip("/")
-    letters = []
-
-    # Ingest: small items fan out before the bytes are read.
-    only = resume.only_keys
-    if plan.items_pattern and only is None:
-        listed = (
-            p
-            | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
-            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
-        )
-    else:
-        listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
-    items = listed | "FanOutImages" >> beam.Reshuffle()
-    images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
-    tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
-    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
-    letters += [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
-    streamed_inputs = (
-        (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
-    )
-    samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
-    samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
-    letters.append(duplicates)
-    if resume.done_keys:
-        samples = samples | "SkipDone" >> beam.ParDo(_SkipDone(resume.done_keys))
-    if only is not None:
-        samples = samples | "OnlyRetried" >> beam.Filter(_key_in, keys=only)
+    resume = resume or Continuation()
+    samples, letters, streamed_inputs = _ingest(p, plan, resume)
 
     decode = DecodeParams(
         max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side
@@ -312,61 +294,91 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[ResumeState
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
 
-    # Write shards (whole identities per split), dead letters and the manifest.
+    shard_infos = _write_shards(p, plan, resume, specific, refs, general.ok)
+    dead_letters = _dead_letters(p, resume, letters)
+    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(cfg.out.rstrip("/"))
+    launch_inputs = plan.launch_inputs
+    if resume.inputs is not None:  # a retry: the inputs are still the original run's
+        launch_inputs = resume.inputs
+        streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
+    shard_infos | "WriteManifest" >> WriteManifest(
+        cfg.out.rstrip("/"), plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs
+    )
+
+
+def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
+    """Planned items and input tars -> unique-keyed samples still to process, the ingest dead
+    letters, and the count of inputs found in tars (known only once they are read)."""
+    only = resume.only_keys
+    if plan.items_pattern and only is None:
+        listed = (
+            p
+            | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
+            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
+        )
+    else:
+        listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
+    # Small items fan out before the bytes are read.
+    items = listed | "FanOutImages" >> beam.Reshuffle()
+    images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
+    tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
+    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
+    letters = [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
+    streamed_inputs = (
+        (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
+    )
+    samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
+    samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
+    letters.append(duplicates)
+    if resume.done_keys:
+        samples = samples | "SkipDone" >> beam.ParDo(_SkipDone(resume.done_keys))
+    if only is not None:
+        samples = samples | "OnlyRetried" >> beam.Filter(_key_in, keys=only)
+    return samples, letters, streamed_inputs
+
+
+def _write_shards(p: beam.Pipeline, plan: RunPlan, resume: Continuation, specific, refs, general):
+    """One writer per (split, domain) that has samples (whole identities per split); the shards
+    a resume keeps join the written ones for the manifest."""
+    cfg, out = plan.config, plan.config.out.rstrip("/")
     by_split = specific | "SplitBySplit" >> beam.Partition(_by_split, len(SPLITS))
     refs_by_split = refs | "SplitRefsBySplit" >> beam.Partition(_refs_by_split, len(SPLITS))
-    done, first, kept = resume.keys, resume.first_index, resume.kept_indices()
     written = [
-        general.ok | "WriteGeneral" >> WriteShards(
-            out, GENERAL, cfg.samples_per_shard, done.get((TRAIN, GENERAL), ()), first.get((TRAIN, GENERAL), 0),
-            kept_indices=kept.get((TRAIN, GENERAL), ()),
-        )
+        general | "WriteGeneral" >> WriteShards(out, TRAIN, GENERAL, cfg.samples_per_shard, **resume.for_writer(TRAIN, GENERAL))
     ]
     for split, part, part_refs in zip(SPLITS, by_split, refs_by_split):
         if split != TRAIN and not any(i.split == split for i in plan.items):
             continue
         label = "WriteSpecific" if split == TRAIN else f"WriteSpecific{split.title()}"
-        infos = part | label >> WriteShards(
-            split_dir(out, split), SPECIFIC, cfg.samples_per_shard, done.get((split, SPECIFIC), ()),
-            first.get((split, SPECIFIC), 0), refs=part_refs, kept_indices=kept.get((split, SPECIFIC), ()),
-        )
-        if split != TRAIN:
-            infos = infos | f"Tag{split.title()}" >> beam.Map(dataclasses.replace, split=split)
-        written.append(infos)
+        written.append(part | label >> WriteShards(
+            out, split, SPECIFIC, cfg.samples_per_shard, refs=part_refs, **resume.for_writer(split, SPECIFIC)
+        ))
     if resume.shards:
         written.append(p | "KeptShards" >> beam.Create(resume.shards))
-    shard_infos = written | "AllShards" >> beam.Flatten()
+    return written | "AllShards" >> beam.Flatten()
+
+
+def _dead_letters(p: beam.Pipeline, resume: Continuation, letters):
     dead_letters = letters | "AllDeadLetters" >> beam.Flatten()
-    if only is not None:  # a retry: a sample already in a shard is never also a dead letter
+    if resume.only_keys is not None:  # a retry: a sample already in a shard is never also a dead letter
         dead_letters = (
-            dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=only),
+            dead_letters | "OnlyRetriedDead" >> beam.Filter(_key_in, keys=resume.only_keys),
             p | "KeptDeadLetters" >> beam.Create(resume.kept_letters),
         ) | "WithKeptDeadLetters" >> beam.Flatten()
-    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(out)
-    launch_inputs = plan.launch_inputs
-    if resume.inputs is not None:  # a retry: the inputs are still the original run's
-        launch_inputs = resume.inputs
-        streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
-    shard_infos | "WriteManifest" >> WriteManifest(out, plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs)
+    return dead_letters
 
 
 def output_exists(out: str) -> bool:
+    """Whether OUT holds anything a run writes (contract.OUTPUT_ENTRIES)."""
     from apache_beam.io.filesystems import FileSystems
 
-    return any(
-        FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in ("manifest.json", SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
-    )
+    return any(FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in contract.OUTPUT_ENTRIES)
 
 
 def clear_output(out: str) -> None:
+    """Remove everything a run writes under OUT, its bookkeeping included (contract.RUN_ENTRIES)."""
     from apache_beam.io.filesystems import FileSystems
 
-    base = out.rstrip("/")
-    names = ("manifest.json", RUN_STATE, RETRY_PLAN, PLAN_DIR, SPECIFIC, GENERAL, "dead_letter", *SPLITS[1:])
-    paths = [f"{base}/{n}" for n in names]
-    existing = [p for p in paths if FileSystems.exists(p)]
+    existing = [p for p in (f"{out.rstrip('/')}/{n}" for n in contract.RUN_ENTRIES) if FileSystems.exists(p)]
     if existing:
         FileSystems.delete(existing)
-
-
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Optional
 
 PRESETS: dict[str, dict[str, Optional[str]]] = {
     # The paper's setup (PaLI is not public; BLIP-2 is the closest open captioner).
@@ -33,47 +33,97 @@ PRESET_STAGE_DEFAULTS = {
 }
 
 
+def option(default=MISSING, *, help: Optional[str] = None, digest: bool = True, flags: tuple[str, ...] = (),
+           cli_type: Any = None, cli_text: Optional[str] = None, cli_default: Any = MISSING):
+    """A RunConfig field with everything said about it in one place: its default, the CLI's
+    help text and flags (`prep run` is generated from these fields), and whether it enters the
+    resume digest (`digest=False`: it does not change what is written).
+
+    cli_type/cli_text: how the CLI takes a value of another type (e.g. "R,G,B" for a tuple);
+    `RunConfig.from_cli` parses it back. cli_default: the CLI's default where it differs from the
+    library's (e.g. `workers`: 0, auto, on the command line; 1 for `run()` and the tests).
+    """
+    metadata = {"help": help, "digest": digest, "flags": flags, "cli_type": cli_type, "cli_text": cli_text}
+    if cli_default is not MISSING:
+        metadata["cli_default"] = cli_default
+    return field(default=default, metadata=metadata)
+
+
+def parse_fill(text: str) -> tuple[int, int, int]:
+    """'255,255,255' -> (255, 255, 255)."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError("expected R,G,B, e.g. 255,255,255")
+    return parts[0], parts[1], parts[2]
+
+
 @dataclass
 class RunConfig:
-    inputs: list[str]
-    out: str
-    preset: str = "small"
+    """Every option of `prep run`, with its one default (the CLI reads them from here)."""
+
+    inputs: list[str] = option(help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
+    out: str = option(help="output directory (local path or gs://...)", flags=("--out", "-o"))
+    preset: str = option("small", help="models: paper (BLIP-2, ViT-L-14, u2net), small, or tiny (offline)")
     # Models (None: the preset's).
-    caption_model: Optional[str] = None
-    clip_model: Optional[str] = None
-    clip_pretrained: Optional[str] = None
-    mask_model: Optional[str] = None
+    caption_model: Optional[str] = option(None, help="Hugging Face id or local directory")
+    clip_model: Optional[str] = option(None, help="open_clip model name or model-config JSON path")
+    clip_pretrained: Optional[str] = option(None, help="open_clip pretrained tag or checkpoint path")
+    mask_model: Optional[str] = option(None, help="rembg model name or a custom ONNX file")
     # Caption.
-    caption_prompt: Optional[str] = None
-    caption_max_new_tokens: int = 30
-    caption_num_beams: int = 1
-    caption_general: bool = False
-    caption_join: str = ". "
-    trust_remote_code: bool = False
+    caption_prompt: Optional[str] = option(None, help="prompt given to the captioner")
+    caption_max_new_tokens: int = option(30)
+    caption_num_beams: int = option(1)
+    caption_general: bool = option(False, help="also caption general-domain images with the VLM")
+    caption_join: str = option(". ", help="separator between the VLM and attribute captions")
+    trust_remote_code: bool = option(False, help="allow Hugging Face models with custom code")
     # Decode.
-    max_side: Optional[int] = None
-    min_side: int = 16
-    max_aspect: float = 10.0
-    max_pixels: int = 64_000_000
+    max_side: Optional[int] = option(None, help="downscale images whose longer side exceeds this")
+    min_side: int = option(16)
+    max_aspect: float = option(10.0)
+    max_pixels: int = option(64_000_000, help="reject images with more pixels (decompression bomb guard)")
     # Mask and embed.
-    mask_threshold: float = 0.5
-    mask_min_fraction: Optional[float] = None
-    mask_fill: tuple[int, int, int] = (255, 255, 255)
+    mask_threshold: float = option(0.5, help="foreground when soft mask >= threshold")
+    mask_min_fraction: Optional[float] = option(None, help="dead-letter masks with less foreground")
+    mask_fill: tuple[int, int, int] = option(
+        (255, 255, 255), help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
     # Pairing and shards.
-    refs_per_sample: int = 4
-    seed: int = 0
-    samples_per_shard: int = 1000
-    val_fraction: float = 0.0  # whole identities to OUT/val (CelebA's partition file wins when present)
-    # Execution.
-    device: str = "auto"
-    caption_batch_size: int = 8
-    caption_model_copies: Optional[int] = None  # one copy shared by all processes of a worker
-    mask_batch_size: int = 8
-    embed_batch_size: int = 32
-    overwrite: bool = False
-    model_cache: Optional[str] = None
-    workers: int = 1  # local runs: worker processes (0: auto, prep run's default; see pipeline/local.py)
-    extra: dict = field(default_factory=dict)
+    refs_per_sample: int = option(4, help="K: same-identity references per sample")
+    seed: int = option(0)
+    samples_per_shard: int = option(1000)
+    val_fraction: float = option(0.0, help="whole identities into OUT/val (CelebA's partition file wins)")
+    # Execution. The padded stages' batch sizes and the device change what is written (a
+    # model's output for one element depends on the batch it is run in): they are digested.
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+    caption_batch_size: int = option(8)
+    caption_model_copies: Optional[int] = option(
+        None, digest=False, help="load the captioner once per worker machine, this many copies shared by all its "
+        "processes (Beam's large-model mode, for BLIP-2-sized models)")
+    mask_batch_size: int = option(8, digest=False)
+    embed_batch_size: int = option(32)
+    overwrite: bool = option(False, digest=False, help="replace an existing output")
+    model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
+    workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
+                          "for any N (0: the machine's cores, capped by memory; 1: one process)")
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of one field (handlers and the trainer take theirs from here)."""
+        return cls.__dataclass_fields__[name].default
+
+    @classmethod
+    def from_cli(cls, values: dict[str, Any]) -> "RunConfig":
+        """The CLI's values (strings where a field has a cli_type) -> a RunConfig."""
+        parsed = dict(values)
+        if isinstance(parsed.get("mask_fill"), str):
+            parsed["mask_fill"] = parse_fill(parsed["mask_fill"])
+        if "inputs" in parsed:
+            parsed["inputs"] = list(parsed["inputs"])
+        return cls(**parsed)
+
+    def digest_json(self) -> dict:
+        """The fields that decide what is written (declared on each field: `digest=`)."""
+        data = self.to_json()
+        return {f.name: data[f.name] for f in dataclasses.fields(self) if f.metadata.get("digest", True)}
 
     def validate(self) -> None:
         problems = []
@@ -112,6 +162,9 @@ class RunConfig:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["mask_fill"] = list(self.mask_fill)
+        # Contract v1's manifest config has always carried an (always empty) "extra"; the field
+        # is gone, the key stays so that the manifest is unchanged.
+        data["extra"] = {}
         return data
 
 

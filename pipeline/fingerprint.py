@@ -9,19 +9,67 @@ launcher and records only the id.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from typing import Optional
 
 _CHUNK = 1 << 20
+CACHE_ENV = "PREP_HASH_CACHE"  # a JSON file; default ~/.cache/prep/weights-sha256.json
+log = logging.getLogger(__name__)
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+
+
+def _cache_file() -> str:
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prep", "weights-sha256.json")
+    return os.environ.get(CACHE_ENV) or default
+
+
+def _stamp(path: str, files: list[str]) -> str:
+    """What the cache trusts: the path and each file's name, size and mtime."""
+    stats = [(os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return json.dumps([os.path.abspath(path), stats])
+
+
+def _read_cache(cache: str) -> dict:
+    try:
+        with open(cache, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def hash_path(path: str) -> str:
-    """sha256 of a file's bytes, or of a directory's files (relative names + bytes, sorted)."""
+    """sha256 of a file's bytes, or of a directory's files (relative names + bytes, sorted).
+
+    Reading many GB of weights is slow, so the result is cached across runs (CACHE_ENV) by the
+    path and each file's size and mtime; a changed file is hashed again.
+    """
+    files = _files(path)
+    stamp = _stamp(path, files)
+    cache = _cache_file()
+    cached = _read_cache(cache)
+    if isinstance(cached.get(stamp), str):
+        return cached[stamp]
+    digest = _hash_files(path, files)
+    try:
+        from prep.atomic import write_atomic
+
+        fresh = {**_read_cache(cache), stamp: digest}
+        write_atomic(cache, json.dumps(fresh, sort_keys=True).encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written only costs time
+        log.debug("weights hash cache %s not written: %s", cache, exc)
+    return digest
+
+
+def _hash_files(path: str, files: list[str]) -> str:
     digest = hashlib.sha256()
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
     for file in files:
         if file != path:  # a directory: names matter too; a single file: content only
             digest.update(os.path.relpath(file, path).encode("utf-8") + b"\0")

@@ -18,14 +18,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from prep.atomic import write_atomic
 from prep.schemas import contract
+from prep.schemas.contract import WIDS_INDEX
 from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
 from prep.transforms.common import fault_point
-from prep.transforms.write import write_atomic
-
-
-WIDS_INDEX = "index.wids.json"
-WIDS_KIND = "wids-shard-index-v1"
 
 
 def wids_index(domain: str, shards: list[ShardInfo]) -> dict[str, Any]:
@@ -36,7 +33,7 @@ def wids_index(domain: str, shards: list[ShardInfo]) -> dict[str, Any]:
     """
     mine = sorted((s for s in shards if s.domain == domain), key=lambda s: s.name)
     return {
-        "__kind__": WIDS_KIND,
+        "__kind__": contract.WIDS_KIND,
         "wids_version": 1,
         "name": domain,
         "shardlist": [{"url": s.name, "nsamples": s.count, "filesize": s.bytes} for s in mine],
@@ -50,11 +47,6 @@ def shard_folders(shards: list[ShardInfo]) -> list[str]:
     return sorted(folders, key=lambda f: (f.count("/"), f))
 
 
-def reason_class(reason: str) -> str:
-    """'not a decodable image: OSError ...' -> 'not a decodable image' (for counting)."""
-    return reason.split(":", 1)[0].strip()
-
-
 def dead_letter_lines(letters: list[DeadLetter]) -> bytes:
     ordered = sorted(letters, key=lambda d: (d.key, d.stage, d.reason, d.path or ""))
     return b"".join(json.dumps(d.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for d in ordered)
@@ -62,7 +54,7 @@ def dead_letter_lines(letters: list[DeadLetter]) -> bytes:
 
 class _WriteDeadLetters(beam.DoFn):
     def __init__(self, out_dir: str):
-        self._path = f"{out_dir.rstrip('/')}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
+        self._path = f"{out_dir.rstrip('/')}/{contract.DEAD_LETTER_FILE}"
 
     def process(self, element):
         _, letters = element
@@ -71,7 +63,7 @@ class _WriteDeadLetters(beam.DoFn):
 
 
 class WriteDeadLetters(beam.PTransform):
-    """All dead letters -> OUT/dead_letter/000000.jsonl, sorted by key (deterministic)."""
+    """All dead letters -> contract.DEAD_LETTER_FILE, sorted by key (deterministic)."""
 
     def __init__(self, out_dir: str):
         super().__init__()
@@ -112,8 +104,7 @@ def build_manifest(
         "dead_letter_reasons": dict(sorted(dead_counts.items())),
         "wids_index": {folder: f"{folder}/{WIDS_INDEX}" for folder in shard_folders(shards)},
         "shards": [
-            {"domain": s.domain, "name": s.name, "count": s.count, "sha256": s.sha256, "bytes": s.bytes, "split": s.split}
-            for s in shards
+            {name: getattr(s, name) for name in (*contract.MANIFEST_SHARD_FIELDS, "split")} for s in shards
         ],
     }
     return manifest
@@ -135,7 +126,7 @@ class _WriteManifest(beam.DoFn):
             streamed_inputs=streamed_inputs,
         )
         # One folder per (split, domain), each with its sizes.json and wids index.
-        folders = {("train", d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
+        folders = {(contract.TRAIN, d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
         for split, domain in sorted(folders):
             mine = [s for s in shards if s.split == split]
             base = f"{self._out}/{contract.shard_folder(split, domain)}"
@@ -144,7 +135,7 @@ class _WriteManifest(beam.DoFn):
             index = wids_index(domain, mine)
             write_atomic(f"{base}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
         fault_point("manifest.before_write")
-        stale = f"{self._out}/{contract.DEAD_LETTER_DIR}/000000.jsonl"
+        stale = f"{self._out}/{contract.DEAD_LETTER_FILE}"
         if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
             FileSystems.delete([stale])  # a retry that left no dead letters
         write_atomic(f"{self._out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
@@ -167,7 +158,7 @@ class WriteManifest(beam.PTransform):
     def expand(self, shard_infos):
         reasons = (
             self._dead
-            | "ReasonClass" >> beam.Map(lambda d: f"{d.stage}: {reason_class(d.reason)}")
+            | "ReasonClass" >> beam.Map(lambda d: contract.reason_count_key(d.stage, d.kind.value))
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
         return (

@@ -21,35 +21,42 @@ from typing import Optional
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from prep.schemas import contract
-from prep.schemas.records import DOMAINS, SPECIFIC, DeadLetter, ShardInfo
-from prep.transforms.write import parquet_name, stats_name, write_atomic
-
-RUN_STATE = "_run.json"
-RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written (a killed retry reruns it)
-# Config fields that do not change what is written. (The padded stages' batch sizes and the
-# device do: a model's output for one element depends on the batch size it is run in.)
-_NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra", "workers")
+from prep.atomic import write_atomic
+from prep.pipeline.config import RunConfig  # noqa: F401 - run_digest's argument
+from prep.schemas import contract, output
+from prep.schemas.contract import RETRY_PLAN, RUN_STATE
+from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo
 
 
 @dataclass
-class ResumeState:
-    """What an output folder already holds, verified, and what this run must still do.
+class Continuation:
+    """What an output folder already holds (verified) and so what a run skips and adds; the
+    pipeline asks only this. The empty one is a fresh run. `Resume` and `Retry` fill it.
 
-    Resume (a killed run): `keys` are the samples of complete shards, which take part in the
-    shard boundaries and are not processed again. Retry (--retry-dead-letter on a complete
-    run): only `only_keys` are processed; their shards go after the existing ones
-    (`first_index`), and the input count stays the original run's (`inputs`).
+    shards: complete shards that stay, listed in the manifest beside the new ones.
+    specific: (key, source, identity, embedding) of their specific samples: candidate refs.
+    removed: files deleted while scanning (partial shards, temporary files).
     """
 
     shards: list[ShardInfo] = field(default_factory=list)
-    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (split, domain) -> keys
-    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)  # (key, source, identity, emb)
+    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Retry: ingest processes only these keys; the dead letters and the manifest add the
+    # letters carried over and keep the original input count.
     only_keys: Optional[frozenset[str]] = None
-    first_index: dict[tuple[str, str], int] = field(default_factory=dict)
+    kept_letters: list[DeadLetter] = field(default_factory=list)
     inputs: Optional[int] = None
-    kept_letters: list[DeadLetter] = field(default_factory=list)  # retry: letters carried over as they are
+
+    @property
+    def done_keys(self) -> frozenset[str]:
+        """Keys ingest skips: already in kept shards (a resume)."""
+        return frozenset()
+
+    def for_writer(self, split: str, domain: str) -> dict:
+        """What one (split, domain) shard writer must know: keys already in kept shards (they
+        take part in the shard boundaries), the index its new shards start at, and the indices
+        it must never write again."""
+        return {"done_keys": (), "first_index": 0, "kept_indices": self.kept_indices().get((split, domain), ())}
 
     def kept_indices(self) -> dict[tuple[str, str], set[int]]:
         """(split, domain) -> indices of the shards kept (resume) or already listed (retry)."""
@@ -58,20 +65,44 @@ class ResumeState:
             out.setdefault((info.split, info.domain), set()).add(int(info.name.split(".")[0]))
         return out
 
+
+@dataclass
+class Resume(Continuation):
+    """A killed run of the same digest: `keys` (per split and domain) are the samples of its
+    complete shards; they are not processed again but take part in the shard boundaries, so
+    the rest land exactly where an uninterrupted run puts them."""
+
+    keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
     @property
     def done_keys(self) -> frozenset[str]:
         return frozenset(k for keys in self.keys.values() for k in keys)
 
+    def for_writer(self, split: str, domain: str) -> dict:
+        return {**super().for_writer(split, domain), "done_keys": self.keys.get((split, domain), ())}
 
-def run_digest(config_json: dict, items: list, wds_urls: list[str], models: dict) -> str:
-    """sha256 of what decides the output; a rerun with another digest must not resume."""
-    relevant = {k: v for k, v in sorted(config_json.items()) if k not in _NOT_OUTPUT}
+
+@dataclass
+class Retry(Continuation):
+    """--retry-dead-letter on a complete run: only `only_keys` are processed; their shards go
+    after the existing ones (`first_index`), the letters that are not retried are carried over,
+    and the input count stays the original run's."""
+
+    first_index: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def for_writer(self, split: str, domain: str) -> dict:
+        return {**super().for_writer(split, domain), "first_index": self.first_index.get((split, domain), 0)}
+
+
+def run_digest(config: "RunConfig", items: list, wds_urls: list[str], fingerprints: dict[str, dict]) -> str:
+    """sha256 of what decides the output; a rerun with another digest must not resume.
+
+    The config's part is `RunConfig.digest_json()`: each field says whether it counts."""
     payload = {
-        "config": relevant,
+        "config": config.digest_json(),
         "items": [[i.key, i.path, i.identity, i.split, i.domain] for i in items],
         "wds": sorted(wds_urls),
-        "models": {stage: (m.get("fingerprint") or {}).get("sha256") or (m.get("fingerprint") or {}).get("id")
-                   for stage, m in sorted(models.items())},
+        "models": {stage: (f or {}).get("sha256") or (f or {}).get("id") for stage, f in sorted(fingerprints.items())},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -89,32 +120,25 @@ def write_run_state(out: str, digest: str, config_json: dict) -> None:
     write_atomic(f"{out.rstrip('/')}/{RUN_STATE}", json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _read(path: str) -> bytes:
-    with FileSystems.open(path) as f:
-        return f.read()
+_read = output.read_bytes
 
 
-def scan_completed(out: str) -> ResumeState:
+def scan_completed(out: str) -> Resume:
     """Keep verified complete shards; delete partial ones and temporary files."""
     out = out.rstrip("/")
-    state = ResumeState()
-    for split in contract.SPLITS:
-        for domain in DOMAINS:
-            folder = f"{out}/{contract.shard_folder(split, domain)}"
-            if not FileSystems.exists(folder):
-                continue
-            (match,) = FileSystems.match([f"{folder}/*"])
-            names = {m.path.rsplit("/", 1)[-1]: m.path for m in match.metadata_list}
-            doomed = [path for name, path in names.items() if name.startswith(".")]  # temp files
-            for name in sorted(n for n in names if n.endswith(".tar") and not n.startswith(".")):
-                info = _verify(folder, name, names, split, domain, state)
-                if info is None:
-                    doomed += [names[n] for n in (name, parquet_name(name), stats_name(name)) if n in names]
-                else:
-                    state.shards.append(info)
-            if doomed:
-                FileSystems.delete(doomed)
-                state.removed += doomed
+    state = Resume()
+    for split, domain in contract.split_domains():
+        names = output.folder_files(out, split, domain)
+        doomed = [path for name, path in names.items() if name.startswith(".")]  # temp files
+        for shard in output.shards_in(names, split, domain):
+            info = _verify(shard, state)
+            if info is None:
+                doomed += [p for p in (shard.path, shard.sidecar, shard.stats) if p is not None]
+            else:
+                state.shards.append(info)
+        if doomed:
+            FileSystems.delete(doomed)
+            state.removed += doomed
     return state
 
 
@@ -131,42 +155,34 @@ def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[tuple[str,
     return keys, specific
 
 
-def _verify(folder, name, names, split, domain, state: ResumeState) -> Optional[ShardInfo]:
-    stats_file = stats_name(name)
-    if stats_file not in names or parquet_name(name) not in names:
+def _verify(shard: output.Shard, state: Resume) -> Optional[ShardInfo]:
+    if shard.stats is None or shard.sidecar is None:
         return None
     try:
-        stats = json.loads(_read(names[stats_file]).decode("utf-8"))
-        data = _read(names[name])
-    except (OSError, ValueError):
+        stats = json.loads(_read(shard.stats).decode("utf-8"))
+        data = _read(shard.path)
+    except output.READ_ERRORS:
         return None
     if hashlib.sha256(data).hexdigest() != stats.get("sha256") or len(data) != stats.get("bytes"):
         return None
     try:
-        keys, specific = _shard_records(data, domain)
+        keys, specific = _shard_records(data, shard.domain)
     except Exception:  # noqa: BLE001 - a shard that does not read back is redone
         return None
     if len(keys) != stats.get("count"):
         return None
-    state.keys.setdefault((split, domain), []).extend(keys)
+    state.keys.setdefault((shard.split, shard.domain), []).extend(keys)
     state.specific.extend(specific)
-    return ShardInfo(domain=domain, name=name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
-                     keys_first=keys[0] if keys else "", keys_last=keys[-1] if keys else "", split=split)
+    return ShardInfo(domain=shard.domain, name=shard.name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
+                     split=shard.split)
 
 
 def _read_dead_letters(out: str) -> list[DeadLetter]:
-    letters: list[DeadLetter] = []
-    folder = f"{out}/{contract.DEAD_LETTER_DIR}"
-    if not FileSystems.exists(folder):
-        return letters
-    (match,) = FileSystems.match([f"{folder}/*.jsonl"])
-    for meta in match.metadata_list:
-        for line in _read(meta.path).decode("utf-8").splitlines():
-            if line.strip():
-                d = json.loads(line)
-                letters.append(DeadLetter(key=d["key"], source=d["source"], stage=d["stage"], reason=d["reason"],
-                                          path=d.get("path")))
-    return letters
+    return [
+        DeadLetter.from_json(line.letter)
+        for name, path in output.dead_letter_files(out).items()
+        for line in output.iter_dead_letter_lines(path, f"{contract.DEAD_LETTER_DIR}/{name}")
+    ]
 
 
 def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[DeadLetter]]:
@@ -174,14 +190,15 @@ def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[De
 
     Computed once and saved (RETRY_PLAN): the retry rewrites the dead-letter file before its
     manifest, so a killed retry must not compute its plan again from the rewritten file.
-    A "duplicate key" letter is never retried: its key belongs to a sample already in a shard.
+    A letter whose key is taken (a duplicate key) is never retried: its key belongs to a sample
+    already in a shard.
     """
     path = f"{out}/{RETRY_PLAN}"
     if FileSystems.exists(path):
         saved = json.loads(_read(path).decode("utf-8"))
-        return frozenset(saved["only_keys"]), [DeadLetter(**d) for d in saved["kept_letters"]]
+        return frozenset(saved["only_keys"]), [DeadLetter.from_json(d) for d in saved["kept_letters"]]
     letters = _read_dead_letters(out)
-    kept = [d for d in letters if d.reason.startswith("duplicate key") or d.key in shard_keys]
+    kept = [d for d in letters if d.kind.key_is_taken or d.key in shard_keys]
     only = frozenset(d.key for d in letters if d not in kept) - shard_keys
     data = {"only_keys": sorted(only), "kept_letters": [d.to_json() for d in kept]}
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
@@ -194,37 +211,32 @@ def clear_retry_plan(out: str) -> None:
         FileSystems.delete([path])
 
 
-def scan_for_retry(out: str, manifest: dict) -> ResumeState:
+def scan_for_retry(out: str, manifest: dict) -> Retry:
     """A complete run's shards are kept as they are; its dead-lettered inputs are redone.
 
     Shards beyond the manifest (left by a killed earlier retry) are removed first.
     """
     out = out.rstrip("/")
-    state = ResumeState(inputs=manifest["counts"]["inputs"])
+    state = Retry(inputs=manifest["counts"]["inputs"])
     shard_keys: set[str] = set()
     listed: dict[tuple[str, str], set[str]] = {}
     for entry in manifest["shards"]:
-        split = entry.get("split", "train")
+        split = entry.get("split", contract.TRAIN)
         listed.setdefault((split, entry["domain"]), set()).add(entry["name"])
         state.shards.append(ShardInfo(domain=entry["domain"], name=entry["name"], count=entry["count"],
                                       sha256=entry["sha256"], bytes=entry["bytes"], split=split))
-    for split in contract.SPLITS:
-        for domain in DOMAINS:
-            folder = f"{out}/{contract.shard_folder(split, domain)}"
-            names = listed.get((split, domain), set())
-            state.first_index[(split, domain)] = len(names)
-            if not FileSystems.exists(folder):
-                continue
-            (match,) = FileSystems.match([f"{folder}/*"])
-            for meta in match.metadata_list:
-                name = meta.path.rsplit("/", 1)[-1]
-                base = name.split(".")[0].split("_")[0]
-                if name.startswith(".") or (base.isdigit() and f"{base}.tar" not in names):
-                    FileSystems.delete([meta.path])
-                    state.removed.append(meta.path)
-                elif name in names:
-                    keys, specific = _shard_records(_read(meta.path), domain)
-                    shard_keys.update(keys)
-                    state.specific.extend(specific)
+    for split, domain in contract.split_domains():
+        names = listed.get((split, domain), set())
+        state.first_index[(split, domain)] = len(names)
+        files = output.folder_files(out, split, domain)
+        for name, path in files.items():
+            base = name.split(".")[0].split("_")[0]
+            if name.startswith(".") or (base.isdigit() and f"{base}{contract.SHARD_SUFFIX}" not in names):
+                FileSystems.delete([path])
+                state.removed.append(path)
+            elif name in names:
+                keys, specific = _shard_records(_read(path), domain)
+                shard_keys.update(keys)
+                state.specific.extend(specific)
     state.only_keys, state.kept_letters = _retry_plan(out, shard_keys)
     return state

@@ -86,7 +86,7 @@ def run(
             "or --retry-dead-letter to redo only its dead-lettered inputs"
         )
     plan = plan_run(config)
-    digest = run_digest(config.to_json(), plan.items, plan.wds_urls, plan.manifest_header()["models"])
+    digest = run_digest(config, plan.items, plan.wds_urls, plan.hash_model_weights())
     resume = None
     if retry_dead_letter:
         state = read_run_state(out)
@@ -143,9 +143,10 @@ def format_summary(manifest: dict, out: str) -> str:
         f"dead-lettered {counts['dead_lettered']} ({'reconciled' if manifest.get('reconciled') else 'NOT RECONCILED'})",
     ]
     shards = manifest.get("shards", [])
-    folders = sorted({(s.get("split", "train"), s["domain"]) for s in shards}, key=lambda f: (f[0] != "train", f))
+    folders = sorted({(s.get("split", contract.TRAIN), s["domain"]) for s in shards},
+                     key=lambda f: (f[0] != contract.TRAIN, f))
     for split, domain in folders:
-        mine = [s for s in shards if s.get("split", "train") == split and s["domain"] == domain]
+        mine = [s for s in shards if s.get("split", contract.TRAIN) == split and s["domain"] == domain]
         where = f"{out.rstrip('/')}/{contract.shard_folder(split, domain)}/"
         lines.append(f"{split} {domain}: {len(mine)} shard(s), {sum(s['count'] for s in mine)} samples -> {where}")
     for reason, n in manifest.get("dead_letter_reasons", {}).items():

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from prep.atomic import write_atomic
 from prep.report.charts import describe, histogram_svg
 from prep.report.page import Chart, Ref, ReportPage, Triplet, caption_parts, render_page
 from prep.report.read import (
@@ -35,7 +36,7 @@ from prep.report.read import (
 )
 from prep.schemas import contract
 from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC
-from prep.transforms.write import mask_fraction, write_atomic
+from prep.transforms.write import mask_fraction
 
 THUMB_SIDE = 136
 REF_SIDE = 80
@@ -209,7 +210,7 @@ def _stages(manifest_reasons: dict[str, int], found: dict[str, int]) -> dict[str
     """stage -> (dead-lettered per the manifest, dead letters found in the files)."""
     listed: dict[str, int] = {}
     for reason, n in manifest_reasons.items():
-        stage = reason.split(":", 1)[0].strip()
+        stage = contract.stage_of_count_key(reason)
         listed[stage] = listed.get(stage, 0) + int(n)
     names = set(listed) | set(found)
     order = sorted(names, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))

@@ -18,61 +18,20 @@ rest of the output is still read.
 from __future__ import annotations
 
 import io
-import json
-import lzma
-import re
-import tarfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from prep.pipeline.outputs import reason_class
-from prep.schemas import contract
-from prep.schemas.records import DOMAINS, SPECIFIC
-from prep.transforms.write import PARQUET_SCHEMA, embedding_norm, mask_fraction, parquet_name
+from prep.schemas import contract, output
+from prep.schemas.output import READ_ERRORS, Shard, list_shards, manifest_shard_counts, read_bytes, read_manifest  # noqa: F401
+from prep.schemas.records import DOMAINS, SPECIFIC, DeadLetterKind
+from prep.schemas.sidecars import PARQUET_SCHEMA
+from prep.transforms.write import embedding_norm, mask_fraction
 
-_SHARD_NAME = re.compile(rf"^\d{{{contract.SHARD_DIGITS}}}\.tar$")
-# What a broken tar stream, a malformed member or an unreadable file can raise while read.
-READ_ERRORS = (tarfile.TarError, ValueError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _SIDECAR_COLUMNS = ("key", "domain", "identity", "caption", "ref_keys", "mask_fraction", "emb_norm")
 _EXAMPLES_PER_REASON = 3
-
-
-def _open(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-
-
-def read_bytes(path: str) -> bytes:
-    with _open(path) as f:
-        return f.read()
-
-
-def list_names(folder: str) -> dict[str, str]:
-    """Base name -> full path of the files directly inside `folder` (empty if there is none)."""
-    try:
-        (result,) = FileSystems.match([FileSystems.join(folder, "*")])
-    except BeamIOError:
-        return {}
-    names = {}
-    for meta in result.metadata_list:
-        name = meta.path.rstrip("/").rsplit("/", 1)[-1]
-        names[name] = meta.path
-    return names
-
-
-def read_manifest(out_dir: str) -> Optional[dict]:
-    """OUT/manifest.json as a dict, or None when there is none (or it is not a JSON object)."""
-    path = FileSystems.join(out_dir, contract.MANIFEST)
-    try:
-        data = json.loads(read_bytes(path).decode("utf-8"))
-    except (OSError, BeamIOError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -91,82 +50,34 @@ def read_dead_letters(out_dir: str, *, examples: int = _EXAMPLES_PER_REASON) -> 
     summary = DeadLetters()
     reasons: Counter[str] = Counter()
     stages: Counter[str] = Counter()
-    files = list_names(FileSystems.join(out_dir, contract.DEAD_LETTER_DIR))
-    for name in sorted(files):
-        if not name.endswith(".jsonl") or name.startswith("."):
-            continue
+    for name, path in output.dead_letter_files(out_dir).items():
+        rel = f"{contract.DEAD_LETTER_DIR}/{name}"
         try:
-            with _open(files[name]) as f:
-                for lineno, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        letter = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError):
-                        summary.problems.append(f"{contract.DEAD_LETTER_DIR}/{name}:{lineno}: not valid JSON")
-                        continue
-                    if not isinstance(letter, dict):
-                        summary.problems.append(f"{contract.DEAD_LETTER_DIR}/{name}:{lineno}: not an object")
-                        continue
-                    stage = str(letter.get("stage") or "?")
-                    reason = f"{stage}: {reason_class(str(letter.get('reason') or '?'))}"
-                    summary.total += 1
-                    reasons[reason] += 1
-                    stages[stage] += 1
-                    shown = summary.examples.setdefault(reason, [])
-                    if len(shown) < examples:
-                        shown.append(letter)
-        except (OSError, BeamIOError) as e:
-            summary.problems.append(f"{contract.DEAD_LETTER_DIR}/{name}: cannot be read ({e})")
+            for line in output.iter_dead_letter_lines(path, rel):
+                if line.error is not None:
+                    summary.problems.append(f"{rel}:{line.lineno}: not valid JSON")
+                    continue
+                letter = line.letter
+                if not isinstance(letter, dict):
+                    summary.problems.append(f"{rel}:{line.lineno}: not an object")
+                    continue
+                stage = str(letter.get("stage") or "?")
+                try:
+                    kind = DeadLetterKind.of_letter(letter).value
+                except ValueError:
+                    kind = str(letter.get("kind"))
+                reason = contract.reason_count_key(stage, kind)
+                summary.total += 1
+                reasons[reason] += 1
+                stages[stage] += 1
+                shown = summary.examples.setdefault(reason, [])
+                if len(shown) < examples:
+                    shown.append(letter)
+        except READ_ERRORS as e:
+            summary.problems.append(f"{rel}: cannot be read ({e})")
     summary.by_reason = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     summary.by_stage = dict(sorted(stages.items(), key=lambda kv: (-kv[1], kv[0])))
     return summary
-
-
-TRAIN = "train"
-_SPLIT_ORDER = (TRAIN, "val", "test")
-
-
-@dataclass(frozen=True)
-class Shard:
-    split: str  # "train" shards live in OUT/<domain>/, other splits in OUT/<split>/<domain>/
-    domain: str
-    name: str  # "000000.tar"
-    path: str
-    sidecar: Optional[str]  # path of NNNNNN.parquet when it exists
-
-    @property
-    def folder(self) -> str:
-        return self.domain if self.split == TRAIN else f"{self.split}/{self.domain}"
-
-    @property
-    def rel(self) -> str:
-        return f"{self.folder}/{self.name}"
-
-
-def list_shards(out_dir: str) -> list[Shard]:
-    """Every shard: OUT/<domain>/NNNNNN.tar (train) and OUT/<split>/<domain>/NNNNNN.tar (other
-    splits), in split, domain and name order; temporary files are left out."""
-    folders: dict[tuple[str, str], dict[str, str]] = {}
-    for domain in DOMAINS:
-        folders[(TRAIN, domain)] = list_names(FileSystems.join(out_dir, domain))
-        # One glob finds every split folder (it works on object stores, which have no folders).
-        try:
-            (result,) = FileSystems.match([FileSystems.join(out_dir, "*", domain, "*")])
-            found = [m.path for m in result.metadata_list]
-        except BeamIOError:
-            found = []
-        for path in found:
-            parts = path.rstrip("/").split("/")
-            if len(parts) >= 3 and parts[-3] not in DOMAINS:
-                folders.setdefault((parts[-3], domain), {})[parts[-1]] = path
-    rank = {s: i for i, s in enumerate(_SPLIT_ORDER)}
-    shards = []
-    for split, domain in sorted(folders, key=lambda f: (rank.get(f[0], len(rank)), f[0], DOMAINS.index(f[1]))):
-        files = folders[(split, domain)]
-        for name in sorted(n for n in files if _SHARD_NAME.match(n)):
-            shards.append(Shard(split, domain, name, files[name], files.get(parquet_name(name))))
-    return shards
 
 
 @dataclass(slots=True)
@@ -246,17 +157,6 @@ def index_output(out_dir: str, manifest: Optional[dict], *, use_sidecars: bool =
     return index
 
 
-def manifest_shard_counts(manifest: Optional[dict]) -> dict[str, int]:
-    """Shard path relative to OUT -> count, from the manifest's shard list."""
-    counts = {}
-    for entry in (manifest or {}).get("shards", []) or []:
-        if isinstance(entry, dict) and isinstance(entry.get("count"), int):
-            split = entry.get("split") or TRAIN
-            folder = entry.get("domain") if split == TRAIN else f"{split}/{entry.get('domain')}"
-            counts[f"{folder}/{entry.get('name')}"] = entry["count"]
-    return counts
-
-
 def _index_sidecar(index: OutputIndex, i: int, expected: Optional[int]) -> bool:
     """Read shard i's parquet sidecar into `index`; False (nothing added) when it is unusable:
     unreadable, other columns, or a row count that disagrees with the manifest."""
@@ -318,7 +218,7 @@ def _iter_shard(shard: Shard, problems: list[str], wanted: Optional[set[str]] = 
     not decode is skipped; a broken tar stream ends the shard. Both go to `problems`."""
     read = 0
     try:
-        with _open(shard.path) as f:
+        with output.open_read(shard.path) as f:
             for raw in contract.iter_samples(f):
                 read += 1
                 if wanted is not None and raw["__key__"] not in wanted:

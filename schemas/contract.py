@@ -1,11 +1,17 @@
 """The shard contract, version 1. Consumers (the trainer, `prep validate`, other readers)
 depend on exactly this; change it only with a new SCHEMA_VERSION.
 
-Output directory OUT:
-  OUT/specific/NNNNNN.tar, OUT/general/NNNNNN.tar   WebDataset shards
-  OUT/<domain>/sizes.json                           {"000000.tar": count, ...}
-  OUT/manifest.json                                 schema_version, config, models, counts, shards
-  OUT/dead_letter/*.jsonl                           {"key", "source", "stage", "reason", ...}
+Output directory OUT (this module is the one place that names its files and folders;
+`schemas.output` is the one reader of it):
+  OUT/<folder>/NNNNNN.tar             WebDataset shards; <folder> = shard_folder(split, domain):
+                                      "<domain>" for train, "<split>/<domain>" for val and test
+  OUT/<folder>/NNNNNN.parquet         per-sample sidecar (schemas.sidecars.PARQUET_SCHEMA)
+  OUT/<folder>/NNNNNN_stats.json      per-shard stats, written last (the shard is complete)
+  OUT/<folder>/sizes.json             {"000000.tar": count, ...}
+  OUT/<folder>/index.wids.json        wids shard index
+  OUT/manifest.json                   MANIFEST_FIELDS: schema_version, config, models, counts, shards
+  OUT/dead_letter/000000.jsonl        {"key", "source", "stage", "kind", "reason", "path"}
+  OUT/_run.json, OUT/_retry.json, OUT/_plan/   run bookkeeping (resume digest, retry plan, staged inputs)
 
 Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across runs):
   KEY.jpg       RGB image
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from typing import Iterator
 
@@ -29,10 +36,37 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
+SPECIFIC = "specific"
+GENERAL = "general"
+DOMAINS = (SPECIFIC, GENERAL)
+# Identity-disjoint splits: train shards in OUT/<domain>/, the others in OUT/<split>/<domain>/.
+TRAIN = "train"
+SPLITS = (TRAIN, "val", "test")
+
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
+WIDS_INDEX = "index.wids.json"
+WIDS_KIND = "wids-shard-index-v1"
 DEAD_LETTER_DIR = "dead_letter"
+DEAD_LETTER_SUFFIX = ".jsonl"
+DEAD_LETTER_FILE = f"{DEAD_LETTER_DIR}/000000{DEAD_LETTER_SUFFIX}"  # the one file the pipeline writes
 SHARD_DIGITS = 6
+SHARD_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+STATS_SUFFIX = "_stats.json"
+_SHARD_NAME = re.compile(rf"^\d{{{SHARD_DIGITS}}}\.tar$")
+# Run bookkeeping beside the outputs (not part of what consumers read).
+RUN_STATE = "_run.json"  # resume digest and config, written first
+RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written
+PLAN_DIR = "_plan"  # staged input items of a large run
+# What a run writes directly under OUT: `prep run` refuses or clears an OUT holding any of them.
+OUTPUT_ENTRIES = (MANIFEST, DEAD_LETTER_DIR, *DOMAINS, *SPLITS[1:])
+RUN_ENTRIES = (*OUTPUT_ENTRIES, RUN_STATE, RETRY_PLAN, PLAN_DIR)
+
+# The manifest: top-level fields every manifest has, its counts, the fields of a shard entry.
+MANIFEST_FIELDS = ("schema_version", "counts", "shards", "config", "models")
+MANIFEST_COUNTS = ("inputs", SPECIFIC, GENERAL, "dead_lettered")
+MANIFEST_SHARD_FIELDS = ("domain", "name", "count", "sha256", "bytes")  # and "split" (absent: train)
 
 EXT_IMAGE = "jpg"
 EXT_TEXT = "txt"
@@ -63,6 +97,20 @@ JSON_FIELDS = (
 )
 
 DEAD_LETTER_FIELDS = ("key", "source", "stage", "reason")
+# The one addition to v1 since it was first written: each dead-letter line also carries
+# "kind", one of schemas.records.DeadLetterKind's values (what code decides by; "reason" is
+# the sentence for people). Lines without it (older runs) are classed by
+# DeadLetterKind.of_letter. The manifest's "dead_letter_reasons" counts letters per
+# reason_count_key(stage, kind).
+
+
+def reason_count_key(stage: str, kind: str) -> str:
+    """The manifest's dead_letter_reasons key: 'decode: not a decodable image'."""
+    return f"{stage}: {kind}"
+
+
+def stage_of_count_key(count_key: str) -> str:
+    return count_key.split(": ", 1)[0]
 
 # Fixed tar header values: same input + config -> byte-identical shards.
 TAR_MTIME = 0
@@ -72,17 +120,32 @@ TAR_MODE = 0o644
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
-# Identity-disjoint splits: train shards in OUT/<domain>/, the others in OUT/<split>/<domain>/.
-SPLITS = ("train", "val", "test")
-
-
 def shard_folder(split: str, domain: str) -> str:
     """The folder of a (split, domain)'s shards, relative to OUT."""
-    return domain if split == "train" else f"{split}/{domain}"
+    return domain if split == TRAIN else f"{split}/{domain}"
+
+
+def split_domains() -> list[tuple[str, str]]:
+    """Every (split, domain) a run can write, in split then domain order."""
+    return [(split, domain) for split in SPLITS for domain in DOMAINS]
 
 
 def shard_name(index: int) -> str:
-    return f"{index:0{SHARD_DIGITS}d}.tar"
+    return f"{index:0{SHARD_DIGITS}d}{SHARD_SUFFIX}"
+
+
+def is_shard_name(name: str) -> bool:
+    return bool(_SHARD_NAME.match(name))
+
+
+def parquet_name(shard: str) -> str:
+    """'000003.tar' -> '000003.parquet' (the sidecar beside it)."""
+    return shard.removesuffix(SHARD_SUFFIX) + PARQUET_SUFFIX
+
+
+def stats_name(shard: str) -> str:
+    """'000003.tar' -> '000003_stats.json' (written last: the shard is complete)."""
+    return shard.removesuffix(SHARD_SUFFIX) + STATS_SUFFIX
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -16,13 +16,13 @@ import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 import numpy as np
 
-SPECIFIC = "specific"
-GENERAL = "general"
-DOMAINS = (SPECIFIC, GENERAL)
+from prep.schemas import contract
+from prep.schemas.contract import DOMAINS, GENERAL, SPECIFIC  # noqa: F401 - the contract names them
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -78,7 +78,6 @@ class Sample:
     height: Optional[int] = None
     # Text that came with the input (general-domain alt text), if any.
     text: Optional[str] = None
-    extra_json: Optional[dict] = None
     caption_vlm: Optional[str] = None
     caption_attributes: Optional[str] = None
     caption: Optional[str] = None
@@ -111,28 +110,98 @@ class Sample:
         )
 
 
+class DeadLetterKind(str, Enum):
+    """Why an input did not reach a shard, for code; the letter's `reason` is for people.
+
+    The one list of failure kinds: every dead letter is written with one, and resume, retry,
+    validate and the report decide by it, never by the reason's text. A value is the short
+    class the reason begins with ("not a decodable image: OSError ..."), so the manifest's
+    `dead_letter_reasons` (counted per "stage: kind") reads as it did before kinds existed.
+    A new failure is one member here (and the stage that raises it).
+    """
+
+    # Ingest (planning and the unique-keys step).
+    DUPLICATE_KEY = "duplicate key"
+    NO_IDENTITY_LINE = "no identity line"
+    BAD_IDENTITY_LINE = "bad identity line"
+    # Read (files and input tars).
+    CANNOT_READ = "cannot read file"
+    EMPTY_FILE = "empty file"  # also decode's: zero bytes to decode
+    FILE_TOO_LARGE = "file too large"
+    DUPLICATE_KEY_IN_TAR = "duplicate key in tar"
+    DUPLICATE_MEMBER = "duplicate member"
+    NO_IMAGE_MEMBER = "no image member"
+    INCOMPLETE_TAR_SAMPLE = "incomplete tar sample"
+    UNREADABLE_TAR = "unreadable tar"
+    # Decode.
+    NOT_AN_IMAGE = "not a decodable image"
+    TOO_MANY_PIXELS = "too many pixels"
+    CORRUPT = "truncated or corrupt image"
+    UNCONVERTIBLE = "cannot convert image"
+    TOO_SMALL = "too small"
+    EXTREME_ASPECT = "extreme aspect ratio"
+    # Model stages (any StageHandler), caption, mask.
+    PREPROCESSING_FAILED = "preprocessing failed"
+    INFERENCE_FAILED = "inference failed"
+    POSTPROCESSING_FAILED = "postprocessing failed"
+    EMPTY_CAPTION = "captioner produced an empty caption"
+    NO_CAPTION = "no caption"
+    MASK_BELOW_FLOOR = "mask foreground below the floor"
+    # Identity (the identity step and the identity checks around pairing).
+    NO_FACE = "no face found"
+    IDENTITY_OUTLIER = "identity outlier"
+    EXACT_DUPLICATE = "exact duplicate"
+    # A letter written before kinds existed whose reason names none of the above.
+    UNKNOWN = "unknown"
+
+    @property
+    def key_is_taken(self) -> bool:
+        """A second input produced a key that a sample in a shard already has: the letter's
+        key may also be in a shard, and retrying it can never succeed."""
+        return self in (DeadLetterKind.DUPLICATE_KEY, DeadLetterKind.DUPLICATE_KEY_IN_TAR)
+
+    @classmethod
+    def of_letter(cls, letter: dict) -> "DeadLetterKind":
+        """The kind of a dead-letter JSON line. Lines written by prep before kinds existed
+        (contract v1 without "kind") are classed once, here, by their reason's prefix."""
+        if letter.get("kind") is not None:
+            return cls(letter["kind"])
+        reason = str(letter.get("reason") or "")
+        if reason.startswith("mask foreground "):
+            return cls.MASK_BELOW_FLOOR
+        matches = [k for k in cls if reason == k.value or reason.startswith(k.value + ":")]
+        return max(matches, key=lambda k: len(k.value)) if matches else cls.UNKNOWN
+
+
 @dataclass(frozen=True)
 class DeadLetter:
-    """An input that will not reach a shard, and why."""
+    """An input that will not reach a shard: which kind of failure (for code) and why (for people)."""
 
     key: str
     source: str
     stage: str
+    kind: DeadLetterKind
     reason: str
     path: Optional[str] = None
 
     @classmethod
-    def of(cls, sample: "Sample | SourceItem", stage: str, reason: str) -> "DeadLetter":
-        return cls(key=sample.key, source=sample.source, stage=stage, reason=reason, path=sample.path)
+    def of(cls, sample: "Sample | SourceItem", stage: str, kind: DeadLetterKind, reason: str) -> "DeadLetter":
+        return cls(key=sample.key, source=sample.source, stage=stage, kind=kind, reason=reason, path=sample.path)
 
     def to_json(self) -> dict:
         return {
             "key": self.key,
             "source": self.source,
             "stage": self.stage,
+            "kind": self.kind.value,
             "reason": self.reason,
             "path": self.path,
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DeadLetter":
+        return cls(key=data["key"], source=data["source"], stage=data["stage"], kind=DeadLetterKind.of_letter(data),
+                   reason=data["reason"], path=data.get("path"))
 
 
 @dataclass(frozen=True)
@@ -144,9 +213,7 @@ class ShardInfo:
     count: int
     sha256: str
     bytes: int
-    keys_first: str = ""
-    keys_last: str = ""
-    split: str = "train"  # "train" shards live in OUT/<domain>/, others in OUT/<split>/<domain>/
+    split: str = contract.TRAIN  # where it lives: contract.shard_folder(split, domain)
 
 
 @dataclass

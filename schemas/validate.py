@@ -20,21 +20,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import lzma
-import posixpath
 import re
-import tarfile
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from prep.schemas.contract import (
     DEAD_LETTER_DIR,
+    DEAD_LETTER_SUFFIX,
     DEAD_LETTER_FIELDS,
     EXT_EMB,
     EXT_IMAGE,
@@ -44,28 +41,30 @@ from prep.schemas.contract import (
     EXT_TEXT,
     JSON_FIELDS,
     MANIFEST,
+    MANIFEST_COUNTS,
+    MANIFEST_FIELDS,
+    MANIFEST_SHARD_FIELDS,
     REQUIRED,
     SCHEMA_VERSION,
-    SHARD_DIGITS,
     SIZES,
+    SPLITS,
+    TRAIN,
+    is_shard_name,
     iter_tar_members,
     load_npy,
+    shard_folder,
     shard_name,
+    split_domains,
     split_member,
 )
-from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC, is_valid_key
+from prep.schemas import output
+from prep.schemas.output import READ_ERRORS
+from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC, DeadLetterKind, is_valid_key
 
 # Known member extensions, longest first, so that 'a.b.emb.npy' splits as ('a.b', 'emb.npy')
 # and the dotted key is reported as such instead of as an odd extension.
 _KNOWN_EXTS = tuple(sorted({e for exts in REQUIRED.values() for e in exts}, key=len, reverse=True))
-_SHARD_NAME = re.compile(rf"^\d{{{SHARD_DIGITS}}}\.tar$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MANIFEST_COUNTS = ("inputs", SPECIFIC, GENERAL, "dead_lettered")
-_MANIFEST_SHARD_FIELDS = ("domain", "name", "count", "sha256", "bytes")
-_OTHER_SPLITS = ("val", "test")  # identity-disjoint splits live in OUT/<split>/<domain>/
-_MANIFEST_FIELDS = ("schema_version", "counts", "shards", "config", "models")
-# What a broken or truncated tar stream can raise while being read.
-_TAR_ERRORS = (tarfile.TarError, ValueError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _READ_CHUNK = 1 << 20
 # Reports a problem with one sample: (member extension or None for the whole sample, message).
 _Bad = Callable[[Optional[str], str], None]
@@ -244,18 +243,13 @@ class _Validator:
         """Base name -> full path of the files directly inside OUT/<parts>."""
         folder = self.path(*parts) if parts else self.out_dir
         try:
-            (result,) = FileSystems.match([FileSystems.join(folder, "*")])
+            return output.list_names(folder)
         except BeamIOError as e:
             self.problem(f"{folder}: cannot list files ({e})")
             return {}
-        files = {}
-        for meta in result.metadata_list:
-            files[posixpath.basename(meta.path.replace("\\", "/"))] = meta.path
-        return files
 
     def read_bytes(self, path: str) -> bytes:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            return f.read()
+        return output.read_bytes(path)
 
     def read_json(self, rel: str, path: str) -> Any:
         """Parse a JSON file; None (with a problem) if it is missing or malformed."""
@@ -295,9 +289,9 @@ class _Validator:
     def folders(self, manifest: Optional[_ManifestInfo]) -> list[str]:
         """Shard folders: OUT/<domain> (train) and OUT/<split>/<domain> for other splits."""
         found = set(DOMAINS) | set(manifest.shards if manifest is not None else ())
-        for split in _OTHER_SPLITS:
-            names = self.list_files(split) if FileSystems.exists(self.path(split)) else {}
-            found |= {f"{split}/{d}" for d in DOMAINS if d in names}
+        for split, domain in split_domains():
+            if split != TRAIN and output.folder_files(self.out_dir, split, domain):
+                found.add(shard_folder(split, domain))
         return sorted(found, key=lambda f: (f.count("/"), f))
 
     # ------------------------------------------------------------------ manifest
@@ -311,7 +305,7 @@ class _Validator:
             self.problem(f"{MANIFEST}: top level is {type(data).__name__}, not an object")
             return None
         info = _ManifestInfo(shards={d: {} for d in DOMAINS})
-        missing = [f for f in _MANIFEST_FIELDS if f not in data]
+        missing = [f for f in MANIFEST_FIELDS if f not in data]
         if missing:
             self.problem(f"{MANIFEST}: missing field(s) {', '.join(missing)}")
         version = data.get("schema_version")
@@ -323,7 +317,7 @@ class _Validator:
             if not isinstance(counts, dict):
                 self.problem(f"{MANIFEST}: counts is {type(counts).__name__}, not an object")
             else:
-                for name in _MANIFEST_COUNTS:
+                for name in MANIFEST_COUNTS:
                     value = counts.get(name)
                     if not _is_int(value) or value < 0:
                         self.problem(f"{MANIFEST}: counts.{name} is {value!r}, not a non-negative int")
@@ -343,20 +337,20 @@ class _Validator:
         if not isinstance(entry, dict):
             self.problem(f"{where} is {type(entry).__name__}, not an object")
             return
-        missing = [f for f in _MANIFEST_SHARD_FIELDS if f not in entry]
+        missing = [f for f in MANIFEST_SHARD_FIELDS if f not in entry]
         if missing:
             self.problem(f"{where}: missing field(s) {', '.join(missing)}")
         domain, name = entry.get("domain"), entry.get("name")
         if domain not in DOMAINS:
             self.problem(f"{where}: domain {domain!r} is not one of {', '.join(DOMAINS)}")
             return
-        split = entry.get("split", "train")
-        if split != "train" and split not in _OTHER_SPLITS:
-            self.problem(f"{where}: split {split!r} is not one of train, {', '.join(_OTHER_SPLITS)}")
+        split = entry.get("split", TRAIN)
+        if split not in SPLITS:
+            self.problem(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
             return
-        domain = domain if split == "train" else f"{split}/{domain}"  # the shard's folder
+        domain = shard_folder(split, domain)  # the shard's folder
         info.shards.setdefault(domain, {})
-        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+        if not isinstance(name, str) or not is_shard_name(name):
             self.problem(f"{where}: name {name!r} is not a shard name like {shard_name(0)}")
             return
         where = f"{MANIFEST}: shard {domain}/{name}"
@@ -395,10 +389,10 @@ class _Validator:
         for name in on_disk:
             if manifest is not None and name not in listed:
                 self.problem(f"{domain}/{name}: not listed in {MANIFEST}")
-        bad_names = [n for n in on_disk if not _SHARD_NAME.match(n)]
+        bad_names = [n for n in on_disk if not is_shard_name(n)]
         for name in bad_names:
             self.problem(f"{domain}/{name}: not a shard name like {shard_name(0)}")
-        good = [n for n in on_disk if _SHARD_NAME.match(n)]
+        good = [n for n in on_disk if is_shard_name(n)]
         expected = [shard_name(i) for i in range(len(good))]
         if good != expected:
             gaps = sorted(set(expected) - set(good))
@@ -456,7 +450,7 @@ class _Validator:
         key: Optional[str] = None
         members: dict[str, bytes] = {}
         try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            with output.open_read(path) as raw:
                 reader = _HashingReader(raw)
                 for member, data in self.read_members(loc, reader):
                     if "/" in member:
@@ -509,7 +503,7 @@ class _Validator:
                 member, data = next(stream)
             except StopIteration:
                 return
-            except _TAR_ERRORS as e:
+            except READ_ERRORS as e:
                 reader.broken = True
                 self.unreadable.append(loc)
                 self.problem(
@@ -802,23 +796,20 @@ class _Validator:
         files = self.list_files(DEAD_LETTER_DIR)
         self.check_temp_files(DEAD_LETTER_DIR, list(files))
         for name in sorted(files):
-            if not name.endswith(".jsonl") or _is_temp_name(name):
+            if not name.endswith(DEAD_LETTER_SUFFIX) or _is_temp_name(name):
                 continue
             rel = f"{DEAD_LETTER_DIR}/{name}"
             try:
-                with FileSystems.open(files[name], compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                    for lineno, raw in enumerate(f, start=1):
-                        if raw.strip():
-                            self.dead_lettered += 1
-                            self.check_dead_letter(f"{rel}:{lineno}", raw)
+                for line in output.iter_dead_letter_lines(files[name], rel):
+                    self.dead_lettered += 1
+                    self.check_dead_letter(line)
             except OSError as e:
                 self.problem(f"{rel}: cannot be read ({e})")
 
-    def check_dead_letter(self, where: str, raw: bytes) -> None:
-        try:
-            letter = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self.problem(f"{where}: not valid JSON ({e})")
+    def check_dead_letter(self, line: output.DeadLetterLine) -> None:
+        where, letter = f"{line.rel}:{line.lineno}", line.letter
+        if line.error is not None:
+            self.problem(f"{where}: not valid JSON ({line.error})")
             return
         if not isinstance(letter, dict):
             self.problem(f"{where}: {type(letter).__name__}, not an object")
@@ -830,8 +821,12 @@ class _Validator:
         key = letter.get("key")
         # A second input that produced an existing key is dead-lettered under that key, while
         # its twin (a different input) is in a shard: that is the one allowed overlap.
-        duplicate = str(letter.get("reason", "")).startswith("duplicate key")  # ingest or in one tar
-        if isinstance(key, str) and key in self.where and not duplicate:
+        try:
+            kind = DeadLetterKind.of_letter(letter)
+        except ValueError:
+            self.problem(f"{where}: kind is {letter.get('kind')!r}, not one of {[k.value for k in DeadLetterKind]}")
+            return
+        if isinstance(key, str) and key in self.where and not kind.key_is_taken:
             self.problem(f"{where}: dead-lettered key {key!r} is also in shard {self.where[key]}")
 
     def reconcile(self, manifest: Optional[_ManifestInfo]) -> None:

@@ -11,6 +11,8 @@ import pytest
 # rembg links custom ONNX models into its home folder: keep the tests' links out of ~.
 os.environ.setdefault("REMBG_HOME", tempfile.mkdtemp(prefix="prep-rembg-"))
 os.environ.pop("U2NET_HOME", None)
+# The weights-hash cache (pipeline/fingerprint.py) of the tests' tiny models stays out of ~.
+os.environ.setdefault("PREP_HASH_CACHE", os.path.join(tempfile.mkdtemp(prefix="prep-hash-"), "weights-sha256.json"))
 # No hub is reachable here: fail hub look-ups at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,3 +76,7 @@ def pipeline_run(demo, tiny, tiny_cache, tmp_path_factory) -> dict:
     config = demo_config(demo, out, tiny_cache)
     manifest = run(config, [])
     return {"out": out, "manifest": manifest, "config": config}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--golden-write", action="store_true", help="rewrite tests/golden_demo.json (test_golden.py)")

@@ -22,6 +22,7 @@ from bad_inputs import CASE_NAMES, DEAD_LETTERED, NOT_AN_INPUT, PROCESSED, corpu
 from prep.pipeline.config import RunConfig
 from prep.pipeline.run import run
 from prep.schemas import contract
+from prep.schemas.records import DeadLetterKind
 from prep.schemas.records import GENERAL, SPECIFIC
 from prep.schemas.validate import validate_output
 
@@ -249,6 +250,9 @@ def _check_dead_lettered(run: dict, case: str, e) -> None:
     (letter,) = mine
     assert letter["stage"] == e.stage, (case, letter)
     assert _reason_class(letter["reason"]) == e.reason, (case, letter["reason"])
+    # The kind is the reason's class, so the manifest's counts read as before kinds existed.
+    assert letter["kind"] == e.reason, (case, letter)
+    assert DeadLetterKind.of_letter({k: v for k, v in letter.items() if k != "kind"}).value == e.reason, case
     if e.reason_has is not None:
         assert e.reason_has in letter["reason"], (case, letter["reason"])
     processed_twin = any(

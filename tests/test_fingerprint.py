@@ -47,3 +47,21 @@ def test_rembg_model_name_is_hashed_from_its_home(tiny, tmp_path, monkeypatch):
     shutil.copy(tiny.mask_onnx, tmp_path / "u2netp.onnx")
     found = fingerprint_mask("u2netp")
     assert found["sha256"] == hash_path(tiny.mask_onnx)
+
+
+def test_weights_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    import prep.pipeline.fingerprint as fp
+
+    monkeypatch.setenv(fp.CACHE_ENV, str(tmp_path / "cache.json"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = hash_path(str(weights))
+    calls = []
+    real = fp._hash_files
+    monkeypatch.setattr(fp, "_hash_files", lambda *a: calls.append(a) or real(*a))
+    assert hash_path(str(weights)) == first and calls == []  # from the cache: the file is not read
+    weights.write_bytes(b"b" * 1000)  # same size, new bytes
+    os.utime(weights, ns=(1, 1))  # and a different mtime: hashed again
+    assert hash_path(str(weights)) != first and len(calls) == 1

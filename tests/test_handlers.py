@@ -12,7 +12,8 @@ from prep.schemas.records import Sample
 from prep.transforms.caption import CaptionHandler, clean_caption
 from prep.transforms.decode import decode_image, load_rgb
 from prep.transforms.embed import EmbedHandler, embed_dim, load_clip, null_embedding
-from prep.transforms.inference import ModelUnavailable, Reject, resolve_device
+from prep.device import resolve_device
+from prep.transforms.inference import ModelUnavailable, Reject
 from prep.transforms.mask import MaskHandler, binarize, load_mask, mask_png, masked_image
 
 

@@ -90,9 +90,9 @@ def test_exact_duplicates_are_listed_and_dropped_after_the_first():
         listed = groups | beam.FlatMap(duplicate_letters)
         kept, letters = created | DropListed(listed, "exact_duplicates")
         assert_that(kept | "KeptKeys" >> beam.Map(lambda s: s.key), equal_to(["a0", "c1"]), label="kept")
-        assert_that(letters | beam.Map(lambda d: (d.key, d.stage, d.reason)), equal_to([
-            ("a1", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
-            ("b7", "identity", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
+        assert_that(letters | beam.Map(lambda d: (d.key, d.stage, d.kind.value, d.reason)), equal_to([
+            ("a1", "identity", "exact duplicate", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
+            ("b7", "identity", "exact duplicate", "exact duplicate: same decoded pixels as a0 (the first by key is kept)"),
         ]), label="letters")
 
 

@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from prep.schemas.records import DeadLetter, SourceItem, is_valid_key
+from prep.schemas.records import DeadLetter, DeadLetterKind, SourceItem, is_valid_key
 from prep.transforms.common import DEAD
 from prep.transforms.sources import (
     ReadImageBytes,
@@ -245,6 +245,7 @@ def test_plan_celeba(tmp_path):
             key="celeba_000004",
             source="celeba",
             stage="ingest",
+            kind=DeadLetterKind.NO_IDENTITY_LINE,
             reason="no identity line: 000004.jpg is not in identity_CelebA.txt",
             path=str(images / "000004.jpg"),
         ),
@@ -252,6 +253,7 @@ def test_plan_celeba(tmp_path):
             key="celeba_000008",
             source="celeba",
             stage="ingest",
+            kind=DeadLetterKind.BAD_IDENTITY_LINE,
             reason=(
                 "bad identity line: line 5 of identity_CelebA.txt is '000008.jpg twenty', "
                 "not '<image> <numeric identity id>'"
@@ -533,7 +535,7 @@ def test_read_wds_shard(tmp_path):
         assert_that(
             out.ok
             | "OkView"
-            >> beam.Map(lambda s: (s.key, s.source, s.domain, s.path, sha(s.raw), s.text, json.dumps(s.extra_json))),
+            >> beam.Map(lambda s: (s.key, s.source, s.domain, s.path, sha(s.raw), s.text)),
             equal_to(
                 [
                     (
@@ -543,11 +545,10 @@ def test_read_wds_shard(tmp_path):
                         f"{good_url}#000000000",
                         sha(img[0]),
                         "a red square",
-                        json.dumps({"url": "http://x/0.jpg", "width": 8}),
                     ),
-                    ("wds_000000001", "wds", "general", f"{good_url}#000000001", sha(img[1]), None, "null"),
-                    ("wds_000000003", "wds", "general", f"{good_url}#000000003", sha(img[3]), "café ☕", "null"),
-                    ("wds_100000000", "wds", "general", f"{truncated_url}#100000000", sha(img[0]), "first", "null"),
+                    ("wds_000000001", "wds", "general", f"{good_url}#000000001", sha(img[1]), None),
+                    ("wds_000000003", "wds", "general", f"{good_url}#000000003", sha(img[3]), "café ☕"),
+                    ("wds_100000000", "wds", "general", f"{truncated_url}#100000000", sha(img[0]), "first"),
                 ]
             ),
             label="CheckOk",

@@ -95,7 +95,26 @@ def test_sample_writes_the_grid(trained, pipeline_run, tmp_path):
     result = sample(trained["result"]["checkpoint"], _reference(pipeline_run, 0), "a smiling man", str(out), params=params, device="cpu")
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.size == ((3 + 2) * SIZE, SIZE)
-    assert result["size"] == ((3 + 2) * SIZE, SIZE) and 0.0 <= result["mask_fraction"] <= 1.0
+    assert result["size"] == ((3 + 2) * SIZE, SIZE)
+    # The reference is masked exactly as the pipeline masked the same image in its shard.
+    key = "celeba_" + os.path.splitext(os.path.basename(_reference(pipeline_run, 0)))[0]
+    assert result["mask_fraction"] == pytest.approx(_shard_mask_fraction(pipeline_run["out"], key), abs=1e-9)
+
+
+def _shard_mask_fraction(out: str, key: str) -> float:
+    import io
+
+    import numpy as np
+
+    from prep.schemas import contract, output
+
+    for shard in output.list_shards(out):
+        with output.open_read(shard.path) as f:
+            for raw in contract.iter_samples(f):
+                if raw["__key__"] == key:
+                    mask = np.asarray(Image.open(io.BytesIO(raw[contract.EXT_MASK])))
+                    return float(np.count_nonzero(mask)) / mask.size
+    raise AssertionError(f"{key} is in no shard of {out}")
 
 
 def test_evaluate_gives_finite_similarities(trained, pipeline_run):
@@ -105,7 +124,16 @@ def test_evaluate_gives_finite_similarities(trained, pipeline_run):
     assert [(r["reference"], r["prompt"]) for r in rows] == [(a, b) for a in refs for b in prompts]
     for row in rows:
         assert row["samples"] == 2
-        assert -1.0 <= row["object_sim"] <= 1.0 and -1.0 <= row["text_sim"] <= 1.0
+        assert math.isfinite(row["object_sim"]) and math.isfinite(row["text_sim"])
+    # Row 0 again by hand: seeded samples of the first reference and prompt, the mean cosine of
+    # their CLIP embeddings with the (unmasked) reference's, and with the prompt's.
+    from prep.trainer.sample import Customizer
+
+    customizer = Customizer(trained["result"]["checkpoint"], device="cpu")
+    ref = customizer.reference(refs[0])
+    features = customizer.embed_images(customizer.generate(ref.embedding, prompts[0], SampleParams(num_samples=2, steps=3)))
+    assert rows[0]["object_sim"] == pytest.approx(float((features @ customizer.embed_images([ref.image]).T).mean()), abs=1e-5)
+    assert rows[0]["text_sim"] == pytest.approx(float((features @ customizer.embed_texts([prompts[0]]).T).mean()), abs=1e-5)
     table = format_table(rows)
     assert "object_sim" in table and len(table.splitlines()) == 2 + len(rows) + 1  # header, rule, rows, mean
 

@@ -498,3 +498,31 @@ def test_format_report_lists_every_problem(tmp_path):
     text = format_report(report)
     assert text.splitlines()[0].split(": ", 1)[1].startswith("INVALID: 2 problems")
     assert len(text.splitlines()) == 1 + len(report.problems) == 3
+
+
+def test_dead_letter_kind_decides_the_allowed_overlap_not_the_reason_text(tmp_path):
+    """A key in a shard may also be dead-lettered only as a duplicate key, and that is read from
+    `kind`: a reason that merely starts with "duplicate key" does not make it one."""
+    out = valid_output()
+    out.dead_letters.append({"key": "g_1", "source": "wds", "stage": "read", "kind": "duplicate key in tar",
+                             "reason": "two tar samples named g_1", "path": "t.tar#g_1"})
+    out.dead_letters.append({"key": "g_0", "source": "wds", "stage": "decode", "kind": "not a decodable image",
+                             "reason": "duplicate key: but the kind says otherwise", "path": "t.tar#g_0"})
+    out.dead_letters.append({"key": "x_2", "source": "wds", "stage": "decode", "kind": "no such kind", "reason": "r"})
+    out.counts_override = {"inputs": 12}
+    report = run(out, tmp_path)
+    assert_problem(report, "dead_letter/part-000.jsonl:3", "'g_0'", "general/000000.tar")
+    assert_problem(report, "dead_letter/part-000.jsonl:4", "kind is 'no such kind'")
+    assert len(report.problems) == 2, format_report(report)
+
+
+def test_letters_without_kind_are_classed_by_their_reason_once():
+    from prep.schemas.records import DeadLetterKind
+
+    of = DeadLetterKind.of_letter
+    assert of({"reason": "duplicate key: a is also b"}) is DeadLetterKind.DUPLICATE_KEY
+    assert of({"reason": "duplicate key in tar: a appears twice"}) is DeadLetterKind.DUPLICATE_KEY_IN_TAR
+    assert of({"reason": "mask foreground 0.10% below the floor 1.00%"}) is DeadLetterKind.MASK_BELOW_FLOOR
+    assert of({"reason": "captioner produced an empty caption"}) is DeadLetterKind.EMPTY_CAPTION
+    assert of({"reason": "timeout"}) is DeadLetterKind.UNKNOWN
+    assert of({"kind": "too small", "reason": "duplicate key: x"}) is DeadLetterKind.TOO_SMALL  # kind wins

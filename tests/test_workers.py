@@ -149,7 +149,7 @@ def test_a_run_resumes_with_another_number_of_workers():
     from prep.pipeline.resume import run_digest
 
     def digest(**kw):
-        return run_digest(RunConfig(inputs=["celeba:/x"], out="o", **kw).to_json(), [], [], {})
+        return run_digest(RunConfig(inputs=["celeba:/x"], out="o", **kw), [], [], {})
 
     assert digest(workers=1) == digest(workers=2) == digest(workers=0)
     assert digest(seed=1) != digest(seed=0)  # the digest does see the config

@@ -46,12 +46,12 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from prep.schemas import contract
 from prep.schemas.contract import EXT_EMB, EXT_IMAGE, EXT_REFS, EXT_TEXT, REQUIRED, load_npy
 
 log = logging.getLogger(__name__)
 
-SPECIFIC = "specific"
-GENERAL = "general"
+SPECIFIC, GENERAL = contract.SPECIFIC, contract.GENERAL
 _DOMAIN_TAG = {SPECIFIC: 0, GENERAL: 1}
 # Stream tags: independent random streams derived from one seed.
 _TAG_SHARD_ORDER, _TAG_SHUFFLE, _TAG_MIX, _TAG_AUGMENT = 1, 2, 3, 4
@@ -66,7 +66,7 @@ def list_shards(directory: Optional[str]) -> list[str]:
     """The `*.tar` shards of a contract directory (OUT/specific or OUT/general), sorted."""
     if not directory:
         return []
-    return sorted(os.path.abspath(p) for p in glob.glob(os.path.join(directory, "*.tar")))
+    return sorted(os.path.abspath(p) for p in glob.glob(os.path.join(directory, "*" + contract.SHARD_SUFFIX)))
 
 
 def image_tensor(data: bytes, size: int) -> torch.Tensor:

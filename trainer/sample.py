@@ -10,6 +10,7 @@ reference | masked reference | N samples, each image_size x image_size.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
-from prep.trainer.train import TrainConfig, load_checkpoint, resolve_device
+from prep.atomic import write_atomic
+from prep.pipeline.config import RunConfig
+from prep.trainer.train import TrainConfig, load_checkpoint, torch_device
 
 
 @dataclass
@@ -51,7 +54,7 @@ class Customizer:
 
         state = load_checkpoint(checkpoint)
         self.config = TrainConfig.from_dict(state["config"])
-        self.device = resolve_device(device)
+        self.device = torch_device(device)
         self.clip, self.preprocess = load_clip(self.config.clip_model, self.config.clip_pretrained, device=str(self.device))
         self.tokenizer = open_clip.get_tokenizer(register_model(self.config.clip_model))
         self.text_encoder = TextEncoder(self.clip, self.tokenizer)
@@ -88,7 +91,7 @@ class Customizer:
             raise ValueError(f"reference {path!r} cannot be used: {exc}") from None
         image = load_rgb(jpeg)
         soft = self.mask_session().predict(image)[0]
-        threshold = self.config.mask_threshold if self.config.mask_threshold is not None else 0.5
+        threshold = self.config.mask_threshold if self.config.mask_threshold is not None else RunConfig.default("mask_threshold")
         mask = Image.fromarray(binarize(soft, threshold), "L")
         masked = masked_image(image, mask, tuple(self.config.mask_fill or DEFAULT_FILL))
         return Reference(image, mask, masked, self.embed_images([masked])[0])
@@ -151,9 +154,8 @@ def sample(
     ref = customizer.reference(reference_image_path)
     images = customizer.generate(ref.embedding, prompt, params)
     grid = make_grid([ref.image, ref.masked, *images], customizer.image_size)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.{os.getpid()}.tmp"
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, out_path)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    write_atomic(os.path.abspath(out_path), buffer.getvalue())
     fraction = float(np.count_nonzero(np.asarray(ref.mask))) / (ref.mask.size[0] * ref.mask.size[1])
     return {"out": out_path, "size": grid.size, "samples": len(images), "mask_fraction": fraction, "step": customizer.step}

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from typing import Any, Optional
 
 import torch
 
+from prep.atomic import write_atomic
+from prep.device import resolve_device
+from prep.schemas import contract
+from prep.schemas.output import read_manifest
 from prep.trainer.data import TripletStream
 from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
 
@@ -120,13 +125,12 @@ class TrainConfig:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill defaults (general folder, checkpoint path, models from the manifest) and validate."""
     c = TrainConfig.from_dict(config.to_dict())
-    c.general = c.general or os.path.join(c.shards, "general")
+    c.general = c.general or os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.GENERAL))
     c.checkpoint = c.checkpoint or os.path.join(c.out, "checkpoint.pt")
     c.decay_steps = c.decay_steps or c.max_steps
-    manifest_path = os.path.join(c.shards, "manifest.json")
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+    manifest_path = os.path.join(c.shards, contract.MANIFEST)
+    manifest = read_manifest(c.shards) if os.path.isfile(manifest_path) else None
+    if manifest is not None:
         models = manifest.get("models", {})
         embed, mask = models.get("embed", {}), models.get("mask", {})
         c.clip_model = c.clip_model or embed.get("model")
@@ -149,14 +153,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return c
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
-    return torch.device(device)
+def torch_device(device: str) -> torch.device:
+    """The trainer's --device, by the pipeline's rule (prep/device.py)."""
+    return torch.device(resolve_device(device))
 
 
 def load_text_encoder(clip_model: str, clip_pretrained: Optional[str], device: torch.device) -> TextEncoder:
@@ -188,10 +187,9 @@ def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: a killed run never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(os.path.abspath(path), buffer.getvalue())
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -225,7 +223,7 @@ def _loss_log(path: str, keep_until: int):
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and return {'step', 'start_step', 'losses' (this run's), ...}."""
     c = resolve(config)
-    device = resolve_device(c.device)
+    device = torch_device(c.device)
     if c.threads:
         torch.set_num_threads(c.threads)
     os.makedirs(c.out, exist_ok=True)
@@ -260,7 +258,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("UNet: %.2fM parameters, device %s", sum(p.numel() for p in model.parameters()) / 1e6, device)
 
     stream = TripletStream(
-        os.path.join(c.shards, "specific"), c.general, ratio=c.ratio, omega=c.omega, text_drop=c.text_drop,
+        os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.SPECIFIC)), c.general, ratio=c.ratio, omega=c.omega, text_drop=c.text_drop,
         object_drop=c.object_drop, image_size=c.image_size, batch_size=c.batch_size, embed_dim=c.embed_dim,
         seed=c.seed, shuffle_buffer=c.shuffle_buffer, start_batch=step,
     )

@@ -12,9 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from prep.schemas.records import Sample
+from prep.device import resolve_device
+from prep.pipeline.config import RunConfig
+from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
-from prep.transforms.inference import ModelUnavailable, Reject, StageHandler, resolve_device
+from prep.transforms.inference import ModelUnavailable, Reject, StageHandler
 
 STAGE = "caption"
 _WS = re.compile(r"\s+")
@@ -61,13 +63,13 @@ class CaptionHandler(StageHandler):
         model: str,
         *,
         prompt: Optional[str] = None,
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
+        max_new_tokens: int = RunConfig.default("caption_max_new_tokens"),
+        num_beams: int = RunConfig.default("caption_num_beams"),
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = 8,
+        max_batch_size: int = RunConfig.default("caption_batch_size"),
         large_model: bool = False,
         model_copies: Optional[int] = None,
     ):
@@ -135,7 +137,7 @@ class CaptionHandler(StageHandler):
         results = []
         for text in texts:
             caption = clean_caption(text, self.prompt)
-            results.append(caption if caption else Reject("captioner produced an empty caption"))
+            results.append(caption if caption else Reject(DeadLetterKind.EMPTY_CAPTION, DeadLetterKind.EMPTY_CAPTION.value))
         return results
 
     def apply(self, sample: Sample, caption: str) -> Sample:

@@ -34,40 +34,46 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from prep.schemas.records import DeadLetter, Sample
+from prep.pipeline.config import RunConfig
+from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
 from prep.transforms.common import counter, dead
 
 STAGE = "decode"
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; PIL's own default warns at ~89M and fails at 179M
+# 8000 x 8000 by default; PIL's own default warns at ~89M and fails at 179M.
+DEFAULT_MAX_PIXELS = RunConfig.default("max_pixels")
 ORIENTATION_TAG = 0x0112
 
-# Reason classes (the text before the first colon of a dead letter's reason).
-EMPTY = "empty file"
-NOT_AN_IMAGE = "not a decodable image"
-TOO_MANY_PIXELS = "too many pixels"
-CORRUPT = "truncated or corrupt image"
-UNCONVERTIBLE = "cannot convert image"
-TOO_SMALL = "too small"
-EXTREME_ASPECT = "extreme aspect ratio"
+# Reason kinds (schemas.records.DeadLetterKind; a reason reads "<kind>: <details>").
+EMPTY = DeadLetterKind.EMPTY_FILE
+NOT_AN_IMAGE = DeadLetterKind.NOT_AN_IMAGE
+TOO_MANY_PIXELS = DeadLetterKind.TOO_MANY_PIXELS
+CORRUPT = DeadLetterKind.CORRUPT
+UNCONVERTIBLE = DeadLetterKind.UNCONVERTIBLE
+TOO_SMALL = DeadLetterKind.TOO_SMALL
+EXTREME_ASPECT = DeadLetterKind.EXTREME_ASPECT
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageRejected(ValueError):
-    """The image cannot be used; the message is the reason a person reads."""
+    """The image cannot be used; `kind` says why for code, the message is the reason a person reads."""
+
+    def __init__(self, kind: DeadLetterKind, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
-def _reject(kind: str, details: str) -> ImageRejected:
-    return ImageRejected(f"{kind}: {details}")
+def _reject(kind: DeadLetterKind, details: str) -> ImageRejected:
+    return ImageRejected(kind, f"{kind.value}: {details}")
 
 
 @dataclass(frozen=True)
 class DecodeParams:
     max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = 16
-    max_aspect: float = 10.0
-    max_side: Optional[int] = None
+    min_side: int = RunConfig.default("min_side")
+    max_aspect: float = RunConfig.default("max_aspect")
+    max_side: Optional[int] = RunConfig.default("max_side")
     jpeg_quality: int = 95
 
 
@@ -271,7 +277,7 @@ class DecodeImages(beam.DoFn):
             jpeg, width, height = decode_image(sample.raw or b"", self._params)
         except ImageRejected as exc:
             self._rejected.inc()
-            yield dead(DeadLetter.of(sample, STAGE, str(exc)))
+            yield dead(DeadLetter.of(sample, STAGE, exc.kind, str(exc)))
             return
         self._ok.inc()
         yield sample.with_(raw=None, image_jpeg=jpeg, width=width, height=height)

@@ -15,9 +15,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from prep.device import resolve_device
+from prep.pipeline.config import RunConfig
 from prep.schemas.records import Sample
 from prep.transforms.decode import load_rgb
-from prep.transforms.inference import ModelUnavailable, StageHandler, resolve_device
+from prep.transforms.inference import ModelUnavailable, StageHandler
 from prep.transforms.mask import DEFAULT_FILL, load_mask, masked_image
 
 STAGE = "embed"
@@ -94,7 +96,7 @@ class EmbedHandler(StageHandler):
         device: str = "auto",
         precision: str = "auto",
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = 32,
+        max_batch_size: int = RunConfig.default("embed_batch_size"),
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         self.model_id = model

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import apache_beam as beam
 import numpy as np
 
-from prep.schemas.records import DeadLetter, Sample
+from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
 from prep.transforms.common import DEAD, counter, dead
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import Reject, StageHandler
@@ -40,7 +40,6 @@ STAGE = "identity"
 FACE, CLIP, NONE = "face", "clip", "none"
 MODES = (FACE, CLIP, NONE)
 NO_FACE_DROP, NO_FACE_KEEP = "drop", "keep"
-NO_FACE_REASON = "no face found"
 
 THRESHOLDS = {
     "dlib": Thresholds(same=0.6, duplicate=0.2),
@@ -172,8 +171,9 @@ class IdentityHandler(StageHandler):
             faces = tuple(find_faces(p.pixels, detector, descriptor))
             if not faces and self.no_face == NO_FACE_DROP:
                 h, w = p.pixels.shape[:2]
-                results.append(Reject(f"{NO_FACE_REASON}: no frontal face in {w}x{h} (detected on a copy of at most "
-                                      f"{self.detect_max_side} px; --no-face keep keeps such images unverified)"))
+                results.append(Reject(DeadLetterKind.NO_FACE, (
+                    f"{DeadLetterKind.NO_FACE.value}: no frontal face in {w}x{h} (detected on a copy of at most "
+                    f"{self.detect_max_side} px; --no-face keep keeps such images unverified)")))
             else:
                 results.append(IdentityResult(p.pixel_sha256, p.phash, faces))
         return results
@@ -199,9 +199,6 @@ def candidate(sample: Sample, mode: str, *, written: bool = False):
 
 
 # -- run-wide steps around pairing ---------------------------------------------------------
-
-EXACT_DUPLICATE_REASON = "exact duplicate"
-
 
 def _digest_key(sample: Sample) -> tuple[str, str]:
     return sample.pixel_sha256 or "", sample.key
@@ -230,28 +227,34 @@ class ExactDuplicates(beam.PTransform):
 def duplicate_letters(group: tuple[str, ...]) -> list[tuple[str, str]]:
     """(key, reason) for every key of a duplicate set but the first."""
     first = group[0]
-    return [(key, f"{EXACT_DUPLICATE_REASON}: same decoded pixels as {first} (the first by key is kept)")
-            for key in group[1:]]
+    reason = f"{DeadLetterKind.EXACT_DUPLICATE.value}: same decoded pixels as {first} (the first by key is kept)"
+    return [(key, DeadLetterKind.EXACT_DUPLICATE, reason) for key in group[1:]]
 
 
 class _DropListed(beam.DoFn):
-    """Samples whose key is in the side input (key -> reason) leave as dead letters."""
+    """Samples whose key is in the side input (key -> (kind, reason)) leave as dead letters."""
 
     def __init__(self, stage: str, name: str):
         self._stage = stage
         self._dropped = counter(stage, name)
 
     def process(self, sample: Sample, listed: dict):
-        reason = listed.get(sample.key)
-        if reason is None:
+        entry = listed.get(sample.key)
+        if entry is None:
             yield sample
             return
+        kind, reason = entry
         self._dropped.inc()
-        yield dead(DeadLetter.of(sample, self._stage, reason))
+        yield dead(DeadLetter.of(sample, self._stage, kind, reason))
+
+
+def _keyed(entry: tuple) -> tuple[str, tuple]:
+    key, kind, reason = entry
+    return key, (kind, reason)
 
 
 class DropListed(beam.PTransform):
-    """(samples, PCollection of (key, reason)) -> (kept samples, dead letters). The listed
+    """(samples, PCollection of (key, kind, reason)) -> (kept samples, dead letters). The listed
     keys are few (duplicates, outliers) and travel as a side input."""
 
     def __init__(self, listed, name: str, stage: str = STAGE):
@@ -260,7 +263,8 @@ class DropListed(beam.PTransform):
 
     def expand(self, samples):
         out = samples | "Drop" >> beam.ParDo(
-            _DropListed(self._stage, self._name), listed=beam.pvalue.AsDict(self._listed)
+            _DropListed(self._stage, self._name),
+            listed=beam.pvalue.AsDict(self._listed | f"Key{self._name.title()}" >> beam.Map(_keyed)),
         ).with_outputs(DEAD, main="ok")
         return out.ok, out[DEAD]
 

@@ -28,7 +28,7 @@ from typing import Any, Generic, Iterable, Optional, Sequence, TypeVar
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from prep.schemas.records import DeadLetter, Sample
+from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
 from prep.transforms.common import DEAD, counter, dead
 
 ModelT = TypeVar("ModelT")
@@ -39,24 +39,12 @@ log = logging.getLogger(__name__)
 class Reject:
     """A per-element outcome meaning "this element does not pass this stage"."""
 
+    kind: DeadLetterKind
     reason: str
 
 
 class ModelUnavailable(RuntimeError):
     """A model could not be found or loaded; the message says how to provide it."""
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
-    return device
 
 
 def _describe(exc: BaseException) -> str:
@@ -133,7 +121,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
             try:
                 ready.append((i, self.prepare(sample, model)))
             except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
-                results[i] = Reject(f"preprocessing failed: {_describe(exc)}")
+                results[i] = Reject(DeadLetterKind.PREPROCESSING_FAILED, f"preprocessing failed: {_describe(exc)}")
         if ready:
             try:
                 outputs = self._infer_fixed([p for _, p in ready], model)
@@ -147,7 +135,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                     try:
                         results[i] = self._infer_fixed([prepared], model)[0]
                     except Exception as exc:  # noqa: BLE001
-                        results[i] = Reject(f"inference failed: {_describe(exc)}")
+                        results[i] = Reject(DeadLetterKind.INFERENCE_FAILED, f"inference failed: {_describe(exc)}")
         return [PredictionResult(example=s, inference=r) for s, r in zip(batch, results)]
 
 
@@ -162,13 +150,15 @@ class _ApplyResults(beam.DoFn):
         outcome = result.inference
         if isinstance(outcome, Reject):
             self._rejected.inc()
-            yield dead(DeadLetter.of(sample, self._handler.stage, outcome.reason))
+            yield dead(DeadLetter.of(sample, self._handler.stage, outcome.kind, outcome.reason))
             return
         try:
             updated = self._handler.apply(sample, outcome)
         except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
             self._rejected.inc()
-            yield dead(DeadLetter.of(sample, self._handler.stage, f"postprocessing failed: {_describe(exc)}"))
+            yield dead(DeadLetter.of(
+                sample, self._handler.stage, DeadLetterKind.POSTPROCESSING_FAILED, f"postprocessing failed: {_describe(exc)}"
+            ))
             return
         self._ok.inc()
         yield updated

@@ -19,12 +19,13 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from prep.schemas.records import Sample
+from prep.pipeline.config import RunConfig
+from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, Reject, StageHandler
 
 STAGE = "mask"
-DEFAULT_FILL = (255, 255, 255)
+DEFAULT_FILL = RunConfig.default("mask_fill")
 
 
 def is_custom_model(model: str) -> bool:
@@ -112,11 +113,11 @@ class MaskHandler(StageHandler):
         self,
         model: str,
         *,
-        threshold: float = 0.5,
+        threshold: float = RunConfig.default("mask_threshold"),
         min_fraction: float = 0.0,
         device: str = "auto",
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = 8,
+        max_batch_size: int = RunConfig.default("mask_batch_size"),
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         if not 0.0 < threshold < 1.0:
@@ -143,7 +144,7 @@ class MaskHandler(StageHandler):
             mask = binarize(soft, self.threshold)
             fraction = float(np.count_nonzero(mask)) / mask.size
             if fraction < self.min_fraction:
-                results.append(Reject(f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
+                results.append(Reject(DeadLetterKind.MASK_BELOW_FLOOR, f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
             else:
                 results.append((mask_png(mask), fraction))
         return results

@@ -35,7 +35,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from prep.schemas.records import Sample
+from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.common import METRICS_NAMESPACE, counter
 from prep.transforms.verify import (
     OUTLIER,
@@ -232,8 +232,8 @@ def is_outlier(entry: tuple[str, Refs]) -> bool:
     return entry[1].verdict is not None and entry[1].verdict.status == OUTLIER
 
 
-def outlier_letter(entry: tuple[str, Refs], threshold: float) -> tuple[str, str]:
-    return entry[0], outlier_reason(entry[1].verdict, threshold)
+def outlier_letter(entry: tuple[str, Refs], threshold: float) -> tuple[str, DeadLetterKind, str]:
+    return entry[0], DeadLetterKind.IDENTITY_OUTLIER, outlier_reason(entry[1].verdict, threshold)
 
 
 GROUPS = "groups"  # per identity group: a GroupSummary (every member, written ones included)
@@ -286,7 +286,7 @@ class IdentityTotals(beam.CombineFn):
 
 
 def outlier_reason(verdict: Verdict, threshold: float) -> str:
-    return (f"identity outlier: {verdict.distance:.3f} from the identity's centre ({verdict.centre}), "
+    return (f"{DeadLetterKind.IDENTITY_OUTLIER.value}: {verdict.distance:.3f} from the identity's centre ({verdict.centre}), "
             f"above the same-identity threshold {threshold}")
 
 

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -36,10 +35,12 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
+from prep.atomic import write_atomic
 from prep.schemas import contract
+from prep.schemas.contract import parquet_name, stats_name
+from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
 from prep.transforms.common import counter, fault_point
 from prep.transforms.pair import Refs, attach_refs
@@ -47,20 +48,21 @@ from prep.transforms.pair import Refs, attach_refs
 STAGE = "write"
 
 
+# KEY.json holds contract.JSON_FIELDS; each is the Sample attribute of that name, except these.
+# (A new per-sample field: a Sample field and its name in contract.JSON_FIELDS.)
+_JSON_VALUES = {
+    "identity": lambda s: s.identity if s.domain == SPECIFIC else None,
+    "attributes": lambda s: dict(sorted(s.attributes.items())) if s.attributes else None,
+    "caption": lambda s: s.caption or "",
+    "ref_keys": lambda s: list(s.ref_keys),
+    "schema_version": lambda s: contract.SCHEMA_VERSION,
+}
+
+
 def sample_json(sample: Sample) -> dict:
     return {
-        "key": sample.key,
-        "domain": sample.domain,
-        "source": sample.source,
-        "identity": sample.identity if sample.domain == SPECIFIC else None,
-        "attributes": dict(sorted(sample.attributes.items())) if sample.attributes else None,
-        "caption_vlm": sample.caption_vlm,
-        "caption_attributes": sample.caption_attributes,
-        "caption": sample.caption or "",
-        "width": sample.width,
-        "height": sample.height,
-        "ref_keys": list(sample.ref_keys),
-        "schema_version": contract.SCHEMA_VERSION,
+        name: _JSON_VALUES[name](sample) if name in _JSON_VALUES else getattr(sample, name)
+        for name in contract.JSON_FIELDS
     }
 
 
@@ -97,55 +99,9 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and a rename."""
-    directory, name = path.rsplit("/", 1)
-    tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-    with FileSystems.create(tmp) as f:
-        f.write(data)
-    fault_point("write.before_rename")
-    FileSystems.rename([tmp], [path])  # os.rename locally (atomic replace); copy+delete on GCS
-
-
 # ----------------------------------------------------------------------------- sidecars
 
-PARQUET_SUFFIX = ".parquet"
-STATS_SUFFIX = "_stats.json"
 STATUS_SUCCESS = "success"
-
-# One row per sample of a shard. Every sample in a shard was written, so status is always
-# "success" and error_message null (img2dataset's columns; rejected inputs are dead letters).
-PARQUET_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_message", pa.string()),
-        pa.field("domain", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("identity", pa.string()),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("caption_vlm", pa.string()),
-        pa.field("caption_attributes", pa.string()),
-        pa.field("caption_words", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("jpg_bytes", pa.int64(), nullable=False),
-        pa.field("ref_keys", pa.list_(pa.string()), nullable=False),
-        pa.field("ref_count", pa.int32(), nullable=False),
-        pa.field("mask_fraction", pa.float64()),  # null for general samples (no mask)
-        pa.field("emb_norm", pa.float64(), nullable=False),
-    ]
-)
-
-
-def parquet_name(shard: str) -> str:
-    """'000000.tar' -> '000000.parquet'."""
-    return shard.removesuffix(".tar") + PARQUET_SUFFIX
-
-
-def stats_name(shard: str) -> str:
-    """'000000.tar' -> '000000_stats.json'."""
-    return shard.removesuffix(".tar") + STATS_SUFFIX
 
 
 def mask_fraction(mask_png: bytes) -> float:
@@ -205,6 +161,16 @@ class ShardRow:
         )
 
 
+# Each PARQUET_SCHEMA column is the ShardRow attribute of that name, except these.
+# (A new column: a field in schemas/sidecars.py and in ShardRow.)
+_PARQUET_VALUES = {
+    "status": lambda row: STATUS_SUCCESS,
+    "error_message": lambda row: None,
+    "ref_keys": lambda row: list(row.ref_keys),
+    "ref_count": lambda row: len(row.ref_keys),
+}
+
+
 def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     """The rows as a parquet file (PARQUET_SCHEMA), in the given order.
 
@@ -213,27 +179,8 @@ def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     """
     columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
     for row in rows:
-        values = {
-            "key": row.key,
-            "status": STATUS_SUCCESS,
-            "error_message": None,
-            "domain": row.domain,
-            "source": row.source,
-            "identity": row.identity,
-            "caption": row.caption,
-            "caption_vlm": row.caption_vlm,
-            "caption_attributes": row.caption_attributes,
-            "caption_words": row.caption_words,
-            "width": row.width,
-            "height": row.height,
-            "jpg_bytes": row.jpg_bytes,
-            "ref_keys": list(row.ref_keys),
-            "ref_count": len(row.ref_keys),
-            "mask_fraction": row.mask_fraction,
-            "emb_norm": row.emb_norm,
-        }
-        for name, value in values.items():
-            columns[name].append(value)
+        for name, values in columns.items():
+            values.append(_PARQUET_VALUES[name](row) if name in _PARQUET_VALUES else getattr(row, name))
     table = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
@@ -322,9 +269,9 @@ def _refs_shard_index(entry: tuple[str, Refs], boundaries: list[str], first: int
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, out_dir: str, domain: str, kept: frozenset[int] = frozenset()):
-        self._dir = f"{out_dir.rstrip('/')}/{domain}"
-        self._domain = domain
+    def __init__(self, out_dir: str, split: str, domain: str, kept: frozenset[int] = frozenset()):
+        self._dir = f"{out_dir.rstrip('/')}/{contract.shard_folder(split, domain)}"
+        self._split, self._domain = split, domain
         self._kept = kept
         self._shards = counter(STAGE, f"{domain}_shards")
         self._samples = counter(STAGE, f"{domain}_samples")
@@ -364,14 +311,13 @@ class _WriteShard(beam.DoFn):
             count=len(samples),
             sha256=sha256,
             bytes=len(data),
-            keys_first=samples[0].key,
-            keys_last=samples[-1].key,
+            split=self._split,
         )
 
 
 class WriteShards(beam.PTransform):
-    """Samples of one domain -> tars (and their parquet and stats sidecars) under OUT/<domain>/;
-    outputs one ShardInfo per shard.
+    """Samples of one (split, domain) -> tars (and their parquet and stats sidecars) in
+    OUT/<contract.shard_folder(split, domain)>/; outputs one ShardInfo per shard.
 
     `refs`: (key, Refs) from PairByIdentity; each sample's refs are attached where its shard is
     written (the samples are grouped by shard here anyway: no extra shuffle of samples).
@@ -384,6 +330,7 @@ class WriteShards(beam.PTransform):
     def __init__(
         self,
         out_dir: str,
+        split: str,
         domain: str,
         samples_per_shard: int,
         done_keys: Sequence[str] = (),
@@ -394,7 +341,7 @@ class WriteShards(beam.PTransform):
         super().__init__()
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
-        self._out, self._domain, self._n = out_dir, domain, samples_per_shard
+        self._out, self._split, self._domain, self._n = out_dir, split, domain, samples_per_shard
         self._done = sorted(done_keys)
         self._first = first_index  # --retry-dead-letter appends shards after the existing ones
         self._refs = refs  # PCollection of (key, Refs) from PairByIdentity, or None (samples carry theirs)
@@ -418,5 +365,5 @@ class WriteShards(beam.PTransform):
         return (
             by_shard
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._domain, self._kept))
+            | "WriteTar" >> beam.ParDo(_WriteShard(self._out, self._split, self._domain, self._kept))
         )

@@ -1,0 +1,203 @@
+"""Reading on the workers: the DoFns that fetch image bytes (`ReadImageBytes`) and stream
+WebDataset tars (`ReadWdsShard`) into `Sample`s or dead letters."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from prep.schemas.contract import MAX_MEMBER_BYTES, iter_tar_members, split_member
+from prep.schemas.records import GENERAL, DeadLetter, DeadLetterKind, Sample, SourceItem, make_key
+from prep.transforms.common import counter, dead
+
+# Image members of a WebDataset sample, in order of preference.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WDS_TEXT_EXT = "txt"
+WDS_JSON_EXT = "json"  # kept with the sample (counted in "members read"), not parsed: nothing uses it
+
+
+# --------------------------------------------------------------------------------------
+# Reading (worker side)
+# --------------------------------------------------------------------------------------
+
+
+class ReadImageBytes(beam.DoFn):
+    """SourceItem -> Sample with `raw` = the file's exact bytes; unreadable -> dead letter.
+
+    At most `max_bytes` are read: a bigger file (a video or an archive named .jpg) is a dead
+    letter, never a worker's memory.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MEMBER_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._ok = counter("read", "ok")
+        self._failed = counter("read", "failed")
+        self._empty = counter("read", "empty")
+        self._too_large = counter("read", "too_large")
+
+    def process(self, item: SourceItem) -> Iterator[object]:
+        try:
+            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                data = f.read(self._max_bytes + 1)
+        except Exception as exc:  # any filesystem error: the reason goes to the dead letter
+            self._failed.inc()
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.CANNOT_READ, f"cannot read file: {type(exc).__name__}: {exc}"))
+            return
+        if not data:
+            self._empty.inc()
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.EMPTY_FILE, "empty file: 0 bytes"))
+            return
+        if len(data) > self._max_bytes:
+            self._too_large.inc()
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.FILE_TOO_LARGE, f"file too large: more than {self._max_bytes} bytes"))
+            return
+        self._ok.inc()
+        yield Sample.from_item(item, raw=data)
+
+
+@dataclass
+class _TarSample:
+    """Members of one tar sample being collected (only the ones we may use are kept)."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    extensions: set[str] = field(default_factory=set)
+    duplicate: Optional[str] = None
+
+    def add(self, ext: str, data: bytes) -> None:
+        if ext in self.extensions and self.duplicate is None:
+            self.duplicate = ext
+        self.extensions.add(ext)
+        if ext in WDS_IMAGE_EXTS or ext in (WDS_TEXT_EXT, WDS_JSON_EXT):
+            self.members.setdefault(ext, data)
+
+    def image(self) -> Optional[bytes]:
+        return next((self.members[e] for e in WDS_IMAGE_EXTS if e in self.members), None)
+
+
+def _tar_stem(url: str) -> str:
+    """'gs://b/000003.tar' -> '000003'."""
+    return posixpath.basename(url.rstrip("/")).split(".", 1)[0] or "tar"
+
+
+class ReadWdsShard(beam.DoFn):
+    """Tar URL -> one Sample per img2dataset sample (KEY.jpg + KEY.txt + KEY.json).
+
+    Members are grouped by key (base name before the first dot). Only image, txt and json
+    members are used; anything else (.pyd, .pickle, .pth, ...) is never decoded. A sample
+    without an image member is a dead letter. When the tar turns out corrupt, truncated or
+    unsafe, the samples completed before stay; the sample in progress is a dead letter of
+    its own (the error may have cut off its remaining members, its caption say, and does
+    not tell whether it did: a sample is never passed on possibly incomplete); and one
+    `unreadable tar` dead letter names the tar, the count read before the failure and the
+    error.
+    """
+
+    def __init__(self) -> None:
+        self._samples = counter("read_wds", "samples")
+        self._no_image = counter("read_wds", "no_image")
+        self._duplicates = counter("read_wds", "duplicate")
+        self._bad_text = counter("read_wds", "bad_text")
+        self._incomplete = counter("read_wds", "incomplete")
+        self._tar_errors = counter("read_wds", "tar_error")
+        self._tars = counter("read_wds", "tars")
+
+    def process(self, url: str) -> Iterator[object]:
+        self._tars.inc()
+        emitted = 0
+        seen: set[str] = set()
+        current: Optional[_TarSample] = None
+        try:
+            with FileSystems.open(url, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                for name, data in iter_tar_members(f):
+                    member_key, ext = split_member(name)
+                    if current is not None and current.key != member_key:
+                        yield from self._emit(url, current, seen)
+                        emitted += 1
+                        current = None
+                    if current is None:
+                        current = _TarSample(member_key)
+                    current.add(ext.lower(), data)
+        except Exception as exc:  # corrupt, truncated or unsafe tar: dead letters for the rest
+            if current is not None:
+                self._incomplete.inc()
+                read = ", ".join(sorted(current.extensions)) or "none"
+                yield dead(
+                    DeadLetter(
+                        key=make_key("wds", current.key),
+                        source="wds",
+                        stage="read",
+                        kind=DeadLetterKind.INCOMPLETE_TAR_SAMPLE,
+                        reason=(
+                            f"incomplete tar sample: reading {url} failed in or right after sample "
+                            f"{current.key} (members read: {read}), so members of it may be missing"
+                        ),
+                        path=f"{url}#{current.key}",
+                    )
+                )
+            self._tar_errors.inc()
+            yield dead(
+                DeadLetter(
+                    key=make_key("wds", _tar_stem(url), "tar_error"),
+                    source="wds",
+                    stage="read",
+                    kind=DeadLetterKind.UNREADABLE_TAR,
+                    reason=(
+                        f"unreadable tar: {url} failed after {emitted} complete sample{'' if emitted == 1 else 's'} "
+                        f"({type(exc).__name__}: {exc})"
+                    ),
+                    path=url,
+                )
+            )
+            return
+        if current is not None:
+            yield from self._emit(url, current, seen)
+
+    def _emit(self, url: str, sample: _TarSample, seen: set[str]) -> Iterator[object]:
+        key = make_key("wds", sample.key)
+        path = f"{url}#{sample.key}"
+
+        def letter(kind: DeadLetterKind, details: str) -> beam.pvalue.TaggedOutput:
+            reason = f"{kind.value}: {details}"
+            return dead(DeadLetter(key=key, source="wds", stage="read", kind=kind, reason=reason, path=path))
+
+        if sample.key in seen:
+            self._duplicates.inc()
+            yield letter(DeadLetterKind.DUPLICATE_KEY_IN_TAR, f"{sample.key} appears twice in {url} (its members are not consecutive)")
+            return
+        seen.add(sample.key)
+        if sample.duplicate is not None:
+            self._duplicates.inc()
+            yield letter(DeadLetterKind.DUPLICATE_MEMBER, f"{sample.key}.{sample.duplicate} appears twice in one tar sample")
+            return
+        image = sample.image()
+        if image is None:
+            self._no_image.inc()
+            found = ", ".join(sorted(sample.extensions)) or "nothing"
+            yield letter(DeadLetterKind.NO_IMAGE_MEMBER, f"tar sample {sample.key} has {found} but no {'/'.join(WDS_IMAGE_EXTS)}")
+            return
+
+        text: Optional[str] = None
+        if WDS_TEXT_EXT in sample.members:
+            raw_text = sample.members[WDS_TEXT_EXT]
+            try:
+                decoded = raw_text.decode("utf-8")
+            except UnicodeDecodeError:
+                self._bad_text.inc()
+                decoded = raw_text.decode("utf-8", errors="replace")
+            text = decoded.strip() or None
+
+        self._samples.inc()
+        yield Sample(
+            key=key,
+            source="wds",
+            domain=GENERAL,
+            path=path,
+            raw=image,
+            text=text,
+        )
