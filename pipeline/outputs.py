@@ -116,10 +116,11 @@ class _WriteManifest(beam.DoFn):
         self._header = header
         self._launch_inputs = launch_inputs
 
-    def process(self, _, shards, dead_counts, streamed_inputs):
+    def process(self, _, shards, dead_counts, streamed_inputs, **sections):
         shards = list(shards)
+        header = {**self._header, **{name.removeprefix("section_"): value for name, value in sections.items()}}
         manifest = build_manifest(
-            header=self._header,
+            header=header,
             shards=shards,
             dead_counts=dict(dead_counts),
             launch_inputs=self._launch_inputs,
@@ -150,10 +151,11 @@ class WriteManifest(beam.PTransform):
     so its memory does not grow with the number of rejected inputs.
     """
 
-    def __init__(self, out_dir: str, header: dict, launch_inputs: int, dead_letters, streamed_inputs):
+    def __init__(self, out_dir: str, header: dict, launch_inputs: int, dead_letters, streamed_inputs, sections=None):
         super().__init__()
         self._out, self._header, self._launch = out_dir, header, launch_inputs
         self._dead, self._streamed = dead_letters, streamed_inputs
+        self._sections = dict(sections or {})  # manifest key -> PCollection of one dict (e.g. "identity")
 
     def expand(self, shard_infos):
         reasons = (
@@ -169,5 +171,6 @@ class WriteManifest(beam.PTransform):
                 shards=beam.pvalue.AsList(shard_infos),
                 dead_counts=beam.pvalue.AsList(reasons),
                 streamed_inputs=beam.pvalue.AsSingleton(self._streamed),
+                **{f"section_{name}": beam.pvalue.AsSingleton(pcoll) for name, pcoll in sorted(self._sections.items())},
             )
         )

@@ -18,10 +18,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
+from prep.transforms.identity import candidate_from_shard
+from prep.transforms.pair import Written
 from prep.pipeline.config import RunConfig  # noqa: F401 - run_digest's argument
 from prep.schemas import contract, output
 from prep.schemas.contract import RETRY_PLAN, RUN_STATE
@@ -34,12 +35,12 @@ class Continuation:
     pipeline asks only this. The empty one is a fresh run. `Resume` and `Retry` fill it.
 
     shards: complete shards that stay, listed in the manifest beside the new ones.
-    specific: (key, source, identity, embedding) of their specific samples: candidate refs.
+    specific: their specific samples as pairing needs them (`pair.Written`): candidate refs.
     removed: files deleted while scanning (partial shards, temporary files).
     """
 
     shards: list[ShardInfo] = field(default_factory=list)
-    specific: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)
+    specific: list = field(default_factory=list)  # list[pair.Written]
     removed: list[str] = field(default_factory=list)
     # Retry: ingest processes only these keys; the dead letters and the manifest add the
     # letters carried over and keep the original input count.
@@ -142,16 +143,18 @@ def scan_completed(out: str) -> Resume:
     return state
 
 
-def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[tuple[str, str, str, np.ndarray]]]:
-    """A shard's keys, and for specific shards each sample's (key, source, identity, embedding):
-    what pairing and shard boundaries need of samples that are already written."""
+def _shard_records(data: bytes, domain: str) -> tuple[list[str], list[Written]]:
+    """A shard's keys, and for specific shards each sample as pairing needs it (key, source,
+    identity, embedding, identity candidate): what pairing and shard boundaries need of
+    samples that are already written."""
     keys, specific = [], []
     for raw in contract.iter_samples(io.BytesIO(data)):
         keys.append(raw["__key__"])
         if domain == SPECIFIC:
             sample = contract.decode_sample(raw)
             meta = sample[contract.EXT_JSON]
-            specific.append((raw["__key__"], meta["source"], meta["identity"], sample[contract.EXT_EMB]))
+            candidate = candidate_from_shard(meta, sample[contract.EXT_EMB], sample.get(contract.EXT_FACE))
+            specific.append(Written(raw["__key__"], meta["source"], meta["identity"], sample[contract.EXT_EMB], candidate))
     return keys, specific
 
 

@@ -20,6 +20,17 @@ Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across ru
   KEY.emb.npy   float32 [D], unit norm (all zeros for general)
   KEY.refs.npy  float32 [K, D], row i == emb of ref_keys[i]
   KEY.mask.png  (specific only) 8-bit single channel, values {0, 255}, image size
+  KEY.face.npy  (specific, face identity model, a face chosen) float32 [F]: that face's descriptor
+
+Additions to v1 (readers of v1 ignore JSON fields and members they do not know; every
+field below is written by this version, null / [] where it does not apply):
+  JSON_IDENTITY_FIELDS  the identity step's evidence: face box/landmarks/share, verdict,
+                        distance to the identity's centre, near-duplicates, ref distances, hashes
+  "origin"              lineage: {"path": file path relative to the input root} or
+                        {"url": tar URL, "member": the key inside the tar}
+  KEY.face.npy          optional member (above)
+schema_version stays 1: nothing a v1 reader relies on changed meaning, and outputs written
+before these additions still validate (the fields are checked when present).
 
 Everything here is plain Python + numpy, so a reader needs nothing from the pipeline.
 """
@@ -74,8 +85,10 @@ EXT_JSON = "json"
 EXT_EMB = "emb.npy"
 EXT_REFS = "refs.npy"
 EXT_MASK = "mask.png"
+EXT_FACE = "face.npy"
 # Order of members inside a sample (deterministic tar layout).
-MEMBER_ORDER = (EXT_IMAGE, EXT_JSON, EXT_TEXT, EXT_EMB, EXT_REFS, EXT_MASK)
+MEMBER_ORDER = (EXT_IMAGE, EXT_JSON, EXT_TEXT, EXT_EMB, EXT_REFS, EXT_MASK, EXT_FACE)
+OPTIONAL = {"specific": {EXT_FACE}, "general": set()}  # members that may be present
 REQUIRED = {
     "specific": {EXT_IMAGE, EXT_TEXT, EXT_JSON, EXT_EMB, EXT_REFS, EXT_MASK},
     "general": {EXT_IMAGE, EXT_TEXT, EXT_JSON, EXT_EMB, EXT_REFS},
@@ -95,6 +108,26 @@ JSON_FIELDS = (
     "ref_keys",
     "schema_version",
 )
+
+# The identity step's fields (transforms/identity.py `identity_json` writes exactly these).
+JSON_IDENTITY_FIELDS = (
+    "pixel_sha256",  # sha256 of the decoded pixels (exact duplicates)
+    "phash",  # 64-bit perceptual hash, 16 hex digits (near-duplicates)
+    "identity_model",  # "face", "clip" or null (not verified)
+    "faces",  # faces found (face model), else null
+    "face_box",  # the chosen face's [x0, y0, x1, y1] in image pixels
+    "face_landmarks",  # its 5 landmarks [[x, y], ...] (two corners of each eye, nose base)
+    "face_fraction",  # its box area / image area
+    "identity_status",  # "verified", "outlier", "unverified", "single" or null
+    "identity_distance",  # distance to the identity's centre
+    "identity_centre",  # the key of the identity's centre (medoid)
+    "near_duplicates",  # keys of the same identity that are the same photo (never refs)
+    "ref_distances",  # distance of each ref_keys[i] to the sample
+)
+JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS)
+# identity_status values (transforms/verify.py decides them).
+VERIFIED, OUTLIER, UNVERIFIED, SINGLE = "verified", "outlier", "unverified", "single"
+IDENTITY_STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)  # v1 additions: checked when present
 
 DEAD_LETTER_FIELDS = ("key", "source", "stage", "reason")
 # The one addition to v1 since it was first written: each dead-letter line also carries

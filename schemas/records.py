@@ -58,6 +58,7 @@ class SourceItem:
     identity: Optional[str] = None
     attributes: Optional[dict[str, bool]] = None
     split: Optional[str] = None  # "train" / "val" / "test" when the source says so
+    origin: Optional[dict] = None  # lineage: {"path": relative to the input root} or {"url", "member"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Sample:
     identity: Optional[str] = None
     attributes: Optional[dict[str, bool]] = None
     split: Optional[str] = None
+    origin: Optional[dict] = None  # lineage (SourceItem.origin; wds: set by the tar reader)
     # Encoded input as read (dropped after decode), then the validated RGB JPEG for the shard.
     raw: Optional[bytes] = None
     image_jpeg: Optional[bytes] = None
@@ -106,6 +108,7 @@ class Sample:
             identity=item.identity,
             attributes=item.attributes,
             split=item.split,
+            origin=item.origin,
             **extra,
         )
 

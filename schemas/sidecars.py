@@ -28,5 +28,12 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("ref_count", pa.int32(), nullable=False),
         pa.field("mask_fraction", pa.float64()),  # null for general samples (no mask)
         pa.field("emb_norm", pa.float64(), nullable=False),
+        # The identity step (contract.JSON_IDENTITY_FIELDS): null / empty where not verified.
+        pa.field("identity_status", pa.string()),
+        pa.field("identity_distance", pa.float64()),
+        pa.field("identity_centre", pa.string()),
+        pa.field("near_duplicates", pa.list_(pa.string()), nullable=False),
+        pa.field("faces", pa.int32()),
+        pa.field("face_fraction", pa.float64()),
     ]
 )

@@ -34,16 +34,19 @@ from prep.schemas.contract import (
     DEAD_LETTER_SUFFIX,
     DEAD_LETTER_FIELDS,
     EXT_EMB,
+    EXT_FACE,
     EXT_IMAGE,
     EXT_JSON,
     EXT_MASK,
     EXT_REFS,
     EXT_TEXT,
+    JSON_ADDED_FIELDS,
     JSON_FIELDS,
     MANIFEST,
     MANIFEST_COUNTS,
     MANIFEST_FIELDS,
     MANIFEST_SHARD_FIELDS,
+    OPTIONAL,
     REQUIRED,
     SCHEMA_VERSION,
     SIZES,
@@ -58,12 +61,13 @@ from prep.schemas.contract import (
     split_member,
 )
 from prep.schemas import output
+from prep.schemas.identity_checks import identity_problems, ref_problems
 from prep.schemas.output import READ_ERRORS
 from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC, DeadLetterKind, is_valid_key
 
 # Known member extensions, longest first, so that 'a.b.emb.npy' splits as ('a.b', 'emb.npy')
 # and the dotted key is reported as such instead of as an odd extension.
-_KNOWN_EXTS = tuple(sorted({e for exts in REQUIRED.values() for e in exts}, key=len, reverse=True))
+_KNOWN_EXTS = tuple(sorted({e for exts in (*REQUIRED.values(), *OPTIONAL.values()) for e in exts}, key=len, reverse=True))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _READ_CHUNK = 1 << 20
 # Reports a problem with one sample: (member extension or None for the whole sample, message).
@@ -124,6 +128,7 @@ class _KeyInfo:
 
     identity: Optional[str]
     emb_digest: Optional[bytes]  # None when the embedding itself was invalid
+    identity_status: Optional[str] = None
 
 
 @dataclass
@@ -138,6 +143,7 @@ class _PendingRefs:
     # The rows' digests, concatenated (one bytes object per sample keeps memory small);
     # None when the refs array itself was invalid.
     row_digests: Optional[bytes]
+    identity_status: Optional[str] = None
 
 
 @dataclass
@@ -228,6 +234,7 @@ class _Validator:
         self.where: dict[str, str] = {}  # every key in a shard -> "domain/NNNNNN.tar"
         self.specific: dict[str, _KeyInfo] = {}
         self.pending_refs: list[_PendingRefs] = []
+        self.identity_thresholds: dict[str, float] = {}  # identity model -> same-identity threshold (manifest)
         self.dim: Optional[int] = None  # D, from the first embedding read
         self.unreadable: list[str] = []  # shards whose tar stream broke part-way
 
@@ -323,6 +330,12 @@ class _Validator:
                         self.problem(f"{MANIFEST}: counts.{name} is {value!r}, not a non-negative int")
                     else:
                         info.counts[name] = value
+
+        identity = data.get("identity")
+        if isinstance(identity, dict) and isinstance(identity.get("thresholds"), dict):
+            for model, values in identity["thresholds"].items():
+                if isinstance(values, dict) and isinstance(values.get("same"), (int, float)):
+                    self.identity_thresholds[model] = float(values["same"])
 
         shards = data.get("shards")
         if "shards" in data and not isinstance(shards, list):
@@ -531,7 +544,7 @@ class _Validator:
 
         required = REQUIRED[domain]
         missing = sorted(required - members.keys())
-        extra = sorted(members.keys() - required)
+        extra = sorted(members.keys() - required - OPTIONAL[domain])
         if missing:
             bad(None, f"missing member(s) {', '.join(f'{key}.{e}' for e in missing)}")
         if extra:
@@ -547,6 +560,12 @@ class _Validator:
         rows = self.check_refs_array(members.get(EXT_REFS), ref_keys, emb, bad)
         if domain == SPECIFIC and EXT_MASK in members:
             self.check_mask(members[EXT_MASK], size, bad)
+        if EXT_FACE in members:
+            face = self.load_array(EXT_FACE, members[EXT_FACE], bad)
+            if face is not None and (face.dtype != np.float32 or face.ndim != 1 or not np.all(np.isfinite(face))):
+                bad(EXT_FACE, f"is {face.dtype} {face.shape}, expected finite float32 [F]")
+            if meta is not None and meta.get("face_box") is None:
+                bad(EXT_FACE, "present, but the sample has no chosen face (face_box is null)")
 
         # The identity is only compared with the refs' when it is itself valid.
         identity = meta.get("identity") if meta is not None else None
@@ -556,7 +575,8 @@ class _Validator:
         identity = identity if isinstance(identity, str) else None
         if domain == SPECIFIC and not repeat:
             digest = _emb_digest(emb) if emb is not None and emb.dtype == np.float32 else None
-            self.specific[key] = _KeyInfo(identity=identity, emb_digest=digest)
+            status = meta.get("identity_status") if meta is not None else None
+            self.specific[key] = _KeyInfo(identity=identity, emb_digest=digest, identity_status=status)
         if ref_keys:
             self.pending_refs.append(
                 _PendingRefs(
@@ -566,6 +586,7 @@ class _Validator:
                     identity_known=identity_known,
                     ref_keys=ref_keys,
                     row_digests=rows,
+                    identity_status=meta.get("identity_status") if meta is not None else None,
                 )
             )
 
@@ -615,7 +636,7 @@ class _Validator:
             return None
 
         missing = [f for f in JSON_FIELDS if f not in meta]
-        extra = sorted(set(meta) - set(JSON_FIELDS))
+        extra = sorted(set(meta) - set(JSON_FIELDS) - set(JSON_ADDED_FIELDS))
         if missing:
             bad(EXT_JSON, f"missing field(s) {', '.join(missing)}")
         if extra:
@@ -665,6 +686,10 @@ class _Validator:
             isinstance(meta["ref_keys"], list) and all(isinstance(r, str) for r in meta["ref_keys"])
         ):
             field_problem("ref_keys", "a list of strings")
+        elif domain == SPECIFIC and meta.get("identity_model") is not None:
+            threshold = self.identity_thresholds.get(meta["identity_model"])
+            for message in identity_problems(meta, threshold):
+                bad(EXT_JSON, message)
         return meta
 
     def load_array(self, ext: str, data: bytes, bad: _Bad) -> Optional[np.ndarray]:
@@ -777,6 +802,10 @@ class _Validator:
                     else:
                         self.problem(f"{where} is not a sample in any shard")
                     continue
+                if pending.identity_status is not None:
+                    for message in ref_problems({"key": pending.key, "identity_status": pending.identity_status},
+                                                {"key": ref, "identity_status": info.identity_status}):
+                        self.problem(f"{where}: {message}")
                 known = pending.identity_known and info.identity is not None
                 if known and info.identity != pending.identity:
                     self.problem(

@@ -6,7 +6,8 @@ import numpy as np
 
 from prep.schemas.records import SPECIFIC, Sample
 from prep.transforms.faces import Face
-from prep.transforms.identity import face_embedding, identity_json, identity_problems, ref_problems
+from prep.schemas.identity_checks import identity_problems, ref_problems
+from prep.transforms.identity import face_embedding, identity_json
 from prep.transforms.verify import Verdict
 
 

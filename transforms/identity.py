@@ -316,48 +316,15 @@ def face_embedding(sample: Sample) -> Optional[np.ndarray]:
     return None if face is None else np.ascontiguousarray(face.embedding, dtype=np.float32)
 
 
-def identity_problems(meta: dict, same_threshold: Optional[float] = None) -> list[str]:
-    """What is wrong with one sample's identity fields, as sentences (empty: nothing).
-    `same_threshold`: the run's same-identity threshold for the sample's model (manifest)."""
-    from prep.transforms.verify import OUTLIER, STATUSES, VERIFIED
+def candidate_from_shard(meta: dict, embedding: np.ndarray, face: Optional[np.ndarray]):
+    """The `verify.Candidate` of a sample read back from a written shard (resume, retry): the
+    same inputs to verification as when it was first paired."""
+    from prep.transforms.verify import Candidate
 
-    problems: list[str] = []
-    width, height = meta.get("width") or 0, meta.get("height") or 0
-    box = meta.get("face_box")
-    if box is not None:
-        if len(box) != 4 or not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-            problems.append(f"face_box {box} is not inside the {width}x{height} image")
-    points = meta.get("face_landmarks")
-    if points is not None:
-        if len(points) != 5 or not all(0 <= x <= width and 0 <= y <= height for x, y in points):
-            problems.append(f"face_landmarks {points} are not 5 points inside the {width}x{height} image")
-    if (box is None) != (points is None):
-        problems.append("face_box and face_landmarks must both be present or both null")
-    status = meta.get("identity_status")
-    if status is not None and status not in STATUSES:
-        problems.append(f"identity_status {status!r} is not one of {STATUSES}")
-    refs = meta.get("ref_keys") or []
-    distances = meta.get("ref_distances") or []
-    if status is not None:
-        if len(distances) != len(refs):
-            problems.append(f"{len(distances)} ref_distances for {len(refs)} ref_keys")
-        if refs and status != VERIFIED:
-            problems.append(f"a sample whose identity is {status!r} has refs {refs[:3]} (only verified samples get refs)")
-        if same_threshold is not None and any(d > same_threshold + 1e-6 for d in distances):
-            problems.append(f"ref_distances {distances} exceed the same-identity threshold {same_threshold}")
-        if status == OUTLIER and same_threshold is not None and (meta.get("identity_distance") or 0) <= same_threshold:
-            problems.append(f"an outlier at distance {meta.get('identity_distance')} within the threshold {same_threshold}")
-    dups = set(meta.get("near_duplicates") or [])
-    if dups & set(refs):
-        problems.append(f"refs {sorted(dups & set(refs))} are near-duplicates of the sample")
-    return problems
-
-
-def ref_problems(meta: dict, ref_meta: dict) -> list[str]:
-    """A ref must itself be verified (never an outlier or unverified) when identities were checked."""
-    from prep.transforms.verify import VERIFIED
-
-    status = ref_meta.get("identity_status")
-    if meta.get("identity_status") is None or status == VERIFIED:
-        return []
-    return [f"ref {ref_meta.get('key')} of {meta.get('key')} is {status!r}, not a verified sample of the identity"]
+    model = meta.get("identity_model")
+    key = meta["key"]
+    if model is None:
+        return Candidate(key, written=True)
+    embeddings = (embedding,) if model == CLIP else (() if face is None else (face,))
+    return Candidate(key, embeddings, (), meta.get("pixel_sha256"), meta.get("phash"), written=True,
+                     face_count=meta.get("faces") if model == FACE else None)

@@ -147,6 +147,7 @@ class Refs:
     refs: np.ndarray  # float32 [K, D]
     split: Optional[str] = None
     verdict: Optional[Verdict] = None
+    outlier_reason: Optional[str] = None  # set for outliers (--identity-outliers drop dead-letters them)
 
 
 @dataclass(frozen=True)
@@ -165,14 +166,19 @@ def identity_group(source: str, identity: str) -> str:
     return f"{source}:{identity}"
 
 
-def _member(sample: Sample, mode: str) -> tuple[str, Member]:
+def _member(sample: Sample, modes: dict[str, str]) -> tuple[str, Member]:
     from prep.transforms.identity import candidate
 
     if sample.identity is None:
         raise ValueError(f"sample {sample.key!r} reached pairing without an identity")
     return identity_group(sample.source, sample.identity), Member(
-        sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode)
+        sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode_of(modes, sample.source))
     )
+
+
+def mode_of(modes: dict[str, str], source: str) -> str:
+    """The identity model of a source ("*": every source)."""
+    return modes.get(source, modes.get("*", "none"))
 
 
 def _written_member(entry) -> tuple[str, Member]:
@@ -190,22 +196,24 @@ class _PickRefs(beam.DoFn):
     others (O(K) per member). With one, `verify_group` decides the verdicts, near-duplicates
     and refs of the whole group (see transforms/verify.py)."""
 
-    def __init__(self, k: int, seed: int, dim: int, thresholds: Optional[Thresholds] = None, strategy: str = RANDOM):
+    def __init__(self, k: int, seed: int, dim: int, modes: dict[str, str], thresholds: dict[str, Thresholds],
+                 strategy: str = RANDOM):
         self._k, self._seed, self._dim = k, seed, dim
-        self._thresholds, self._strategy = thresholds, strategy
+        self._modes, self._thresholds, self._strategy = modes, thresholds, strategy
         self._singletons = counter(STAGE, "singletons")
         self._groups = counter(STAGE, "identities")
         self._outliers = counter(STAGE, "outliers")
         self._group_size = Metrics.distribution(METRICS_NAMESPACE, f"{STAGE}.group_size")
 
     def process(self, element: tuple[str, Iterable[Member]]):
-        _identity, members = element
+        identity, members = element
         members = list(members)  # small records: keys and embeddings only
         self._groups.inc()
         self._group_size.update(len(members))
         if len(members) == 1:
             self._singletons.inc()
-        if self._thresholds is None:
+        thresholds = self._thresholds.get(mode_of(self._modes, identity.split(":", 1)[0]))
+        if thresholds is None:
             group = _GroupRefs(((m.key, m.embedding) for m in members), self._k, self._seed, self._dim)
             for member in members:
                 if not member.written:
@@ -213,27 +221,29 @@ class _PickRefs(beam.DoFn):
                     yield member.key, Refs(ref_keys, refs, member.split)
             return
         verdicts = verify_group([m.candidate for m in members], k=self._k, seed=self._seed,
-                                thresholds=self._thresholds, strategy=self._strategy)
+                                thresholds=thresholds, strategy=self._strategy)
         yield beam.pvalue.TaggedOutput(GROUPS, group_summary(verdicts))
         embeddings = {m.key: m.embedding for m in members}
         for member, verdict in zip(members, verdicts):
             if member.written:
                 continue
+            reason = None
             if verdict.status == OUTLIER:
                 self._outliers.inc()
+                reason = outlier_reason(verdict, thresholds.same)
             if verdict.ref_keys:
                 refs = np.stack([embeddings[r] for r in verdict.ref_keys]).astype(np.float32, copy=False)
             else:
                 refs = np.zeros((0, self._dim), np.float32)
-            yield member.key, Refs(verdict.ref_keys, refs, member.split, verdict)
+            yield member.key, Refs(verdict.ref_keys, refs, member.split, verdict, reason)
 
 
 def is_outlier(entry: tuple[str, Refs]) -> bool:
     return entry[1].verdict is not None and entry[1].verdict.status == OUTLIER
 
 
-def outlier_letter(entry: tuple[str, Refs], threshold: float) -> tuple[str, DeadLetterKind, str]:
-    return entry[0], DeadLetterKind.IDENTITY_OUTLIER, outlier_reason(entry[1].verdict, threshold)
+def outlier_letter(entry: tuple[str, Refs]) -> tuple[str, DeadLetterKind, str]:
+    return entry[0], DeadLetterKind.IDENTITY_OUTLIER, entry[1].outlier_reason
 
 
 GROUPS = "groups"  # per identity group: a GroupSummary (every member, written ones included)
@@ -302,7 +312,8 @@ class PairByIdentity(beam.PTransform):
     in complete shards (resume, retry): they count as candidate refs exactly as in one
     uninterrupted run, and get no Refs.
 
-    `mode` ("none", "clip", "face") and `thresholds`: with an identity model, each group is
+    `mode` ("none", "clip", "face", or a dict source kind -> one of them) and `thresholds`
+    (Thresholds, or a dict mode -> Thresholds): with an identity model, each group is
     verified (`transforms/verify.py`) and each Refs carries the member's `Verdict`; `strategy`
     is "random" (seeded, the paper's) or "diverse" (farthest-first). After application,
     `.groups` is the PCollection of one GroupSummary per identity (every member, written ones
@@ -310,8 +321,8 @@ class PairByIdentity(beam.PTransform):
     """
 
     def __init__(
-        self, refs_per_sample: int, seed: int, dim: int, done: Sequence = (), *, mode: str = "none",
-        thresholds: Optional[Thresholds] = None, strategy: str = RANDOM,
+        self, refs_per_sample: int, seed: int, dim: int, done: Sequence = (), *, mode="none",
+        thresholds=None, strategy: str = RANDOM,
     ):
         super().__init__()
         if refs_per_sample < 0:
@@ -320,12 +331,14 @@ class PairByIdentity(beam.PTransform):
             raise ValueError(f"unknown ref strategy {strategy!r}; choose one of {STRATEGIES}")
         self._k, self._seed, self._dim = refs_per_sample, seed, dim
         self._done = list(done)
-        self._mode = mode
-        self._thresholds = None if mode == "none" else thresholds
+        self._modes = mode if isinstance(mode, dict) else {"*": mode}
+        if isinstance(thresholds, Thresholds):
+            thresholds = {m: thresholds for m in set(self._modes.values())}
+        self._thresholds = {m: t for m, t in (thresholds or {}).items() if m != "none"}
         self._strategy = strategy
 
     def expand(self, samples):
-        members = samples | "KeyByIdentity" >> beam.Map(_member, mode=self._mode).with_output_types(tuple[str, Member])
+        members = samples | "KeyByIdentity" >> beam.Map(_member, modes=self._modes).with_output_types(tuple[str, Member])
         if self._done:
             written = (
                 samples.pipeline
@@ -336,7 +349,7 @@ class PairByIdentity(beam.PTransform):
         picked = (
             members
             | "GroupByIdentity" >> beam.GroupByKey()
-            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim, self._thresholds, self._strategy))
+            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim, self._modes, self._thresholds, self._strategy))
             .with_outputs(GROUPS, main="refs")
         )
         self.groups = picked[GROUPS]  # GroupSummary per identity (only with an identity model)

@@ -40,11 +40,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-VERIFIED = "verified"
-OUTLIER = "outlier"
-UNVERIFIED = "unverified"
-SINGLE = "single"
-STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)
+from prep.schemas.contract import IDENTITY_STATUSES as STATUSES  # noqa: E402 - the one list
+from prep.schemas.contract import OUTLIER, SINGLE, UNVERIFIED, VERIFIED  # noqa: E402,F401
 
 RANDOM = "random"
 DIVERSE = "diverse"

@@ -43,6 +43,7 @@ from prep.schemas.contract import parquet_name, stats_name
 from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
 from prep.transforms.common import counter, fault_point
+from prep.transforms.identity import face_embedding, identity_json
 from prep.transforms.pair import Refs, attach_refs
 
 STAGE = "write"
@@ -60,10 +61,13 @@ _JSON_VALUES = {
 
 
 def sample_json(sample: Sample) -> dict:
-    return {
+    meta = {
         name: _JSON_VALUES[name](sample) if name in _JSON_VALUES else getattr(sample, name)
         for name in contract.JSON_FIELDS
     }
+    meta["origin"] = dict(sample.origin) if sample.origin else None
+    meta.update(identity_json(sample))
+    return meta
 
 
 def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
@@ -81,6 +85,9 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
         if sample.mask_png is None:
             raise ValueError(f"specific sample {sample.key} has no mask")
         members[contract.EXT_MASK] = sample.mask_png
+        face = face_embedding(sample)
+        if face is not None:
+            members[contract.EXT_FACE] = contract.npy_bytes(face)
     return [(f"{sample.key}.{ext}", members[ext]) for ext in contract.MEMBER_ORDER if ext in members]
 
 
@@ -133,6 +140,12 @@ class ShardRow:
     ref_keys: tuple[str, ...]
     mask_fraction: Optional[float]
     emb_norm: float
+    identity_status: Optional[str] = None
+    identity_distance: Optional[float] = None
+    identity_centre: Optional[str] = None
+    near_duplicates: tuple[str, ...] = ()
+    faces: Optional[int] = None
+    face_fraction: Optional[float] = None
 
     @property
     def caption_words(self) -> int:
@@ -158,6 +171,12 @@ class ShardRow:
             ref_keys=tuple(meta["ref_keys"]),
             mask_fraction=mask_fraction(sample.mask_png) if sample.domain == SPECIFIC and sample.mask_png else None,
             emb_norm=embedding_norm(sample.embedding),
+            identity_status=meta["identity_status"],
+            identity_distance=meta["identity_distance"],
+            identity_centre=meta["identity_centre"],
+            near_duplicates=tuple(meta["near_duplicates"]),
+            faces=meta["faces"],
+            face_fraction=meta["face_fraction"],
         )
 
 
@@ -168,6 +187,7 @@ _PARQUET_VALUES = {
     "error_message": lambda row: None,
     "ref_keys": lambda row: list(row.ref_keys),
     "ref_count": lambda row: len(row.ref_keys),
+    "near_duplicates": lambda row: list(row.near_duplicates),
 }
 
 
@@ -185,6 +205,14 @@ def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
     return buf.getvalue()
+
+
+def _status_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.identity_status is not None:
+            counts[row.identity_status] = counts.get(row.identity_status, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
@@ -222,6 +250,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         "mask_fraction": summarize(masks),
         "refs_per_sample": {**summarize([len(r.ref_keys) for r in rows]), "total": sum(len(r.ref_keys) for r in rows)},
         "emb_norm": summarize([r.emb_norm for r in rows]),
+        "identity_status": _status_counts(rows),
         "width": summarize([r.width for r in rows]),
         "height": summarize([r.height for r in rows]),
         "jpg_bytes": {**summarize([r.jpg_bytes for r in rows]), "total": sum(r.jpg_bytes for r in rows)},

@@ -168,6 +168,7 @@ def plan_celeba(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
                 identity=identity,  # type: ignore[arg-type]
                 attributes=attributes_by_stem.get(stem),  # type: ignore[arg-type]
                 split=split_by_stem.get(stem),  # type: ignore[arg-type]
+                origin={"path": f"{_basename(image_dir.rstrip('/'))}/{name}"},
             )
         )
     items.sort(key=lambda item: item.key)
@@ -256,7 +257,8 @@ def plan_folder(root: str) -> tuple[list[SourceItem], list[DeadLetter], SourceRe
             dead_letters.append(_duplicate_letter(key, "folder", path, first_path_of_key[key]))
             continue
         first_path_of_key[key] = path
-        items.append(SourceItem(key=key, source="folder", domain=SPECIFIC, path=path, identity=identity))
+        items.append(SourceItem(key=key, source="folder", domain=SPECIFIC, path=path, identity=identity,
+                                origin={"path": f"{identity}/{name}"}))
     if not items:
         raise FileNotFoundError(
             f"folder source {root}: no images found in {FileSystems.join(root, '<identity>', '<image>')} "

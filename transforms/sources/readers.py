@@ -200,4 +200,5 @@ class ReadWdsShard(beam.DoFn):
             path=path,
             raw=image,
             text=text,
+            origin={"url": url, "member": sample.key},
         )
