@@ -25,6 +25,8 @@ from PIL import Image
 
 from prep.atomic import write_atomic
 from prep.report.charts import describe, histogram_svg
+from prep.report.identity_view import identity_groups, render_identities
+from prep.report.identity_view import totals as identity_totals
 from prep.report.page import Chart, Ref, ReportPage, Triplet, caption_parts, render_page
 from prep.report.read import (
     OutputIndex,
@@ -143,6 +145,7 @@ def inspect_output(
         problems=problems,
         data={k: v for k, v in summary.items() if k != "problems"},
     )
+    page.identity_html, summary["identity"] = _identity_view(index, manifest, problems)
     html = render_page(page).encode("utf-8")
     target = html_path if "://" in html_path else os.path.abspath(html_path)
     write_atomic(target, html)
@@ -169,6 +172,34 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+IDENTITY_GROUPS = 40  # identities shown in the identity view (those with outliers or duplicates first)
+
+
+def _identity_view(index: OutputIndex, manifest: Optional[dict], problems: list[str]) -> tuple[str, dict]:
+    """The identity view's HTML and its totals (also the manifest's, where it has them)."""
+    metas = [{"key": k, "identity": e.identity, **e.verdict} for k, e in sorted(index.entries.items()) if e.verdict]
+    if not metas:
+        return "", {}
+    groups = identity_groups(metas)
+    shown = groups[:IDENTITY_GROUPS]
+    keys = [m.key for g in shown for m in g.members]
+    fetched = fetch_samples(index, keys)
+    thumbs = {}
+    for k in keys:
+        sample = fetched.get(k)
+        if sample is not None and isinstance(sample.get(contract.EXT_IMAGE), bytes):
+            try:
+                thumbs[k] = _uri(_open_image(sample[contract.EXT_IMAGE]), 100)
+            except Exception:  # PIL raises many types on a malformed JPEG; the cell says "not shown"
+                problems.append(f"{k}.{contract.EXT_IMAGE}: does not decode")
+    for g in shown:
+        for m in g.members:
+            m.image = thumbs.get(m.key)
+    found = identity_totals(groups)
+    listed = ((manifest or {}).get("identity") or {}).get("totals")
+    return render_identities(groups, limit=IDENTITY_GROUPS), {"found": found, "manifest": listed}
 
 
 def _matches(key: str, ident: Optional[str], identity: Optional[str], key_pattern: Optional[str]) -> bool:

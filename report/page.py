@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Optional
 
+from prep.report.identity_view import CSS as IDENTITY_CSS
+
 # Caption part classes (also the legend): the VLM's words, the attribute caption, a general
 # sample's given text, and anything else (separators, text that matches neither part).
 CAP_VLM, CAP_ATTR, CAP_TEXT, CAP_SEP = "cap-vlm", "cap-attr", "cap-text", "cap-sep"
@@ -155,6 +157,7 @@ class ReportPage:
     sheet_note: str
     problems: list[str]
     data: dict[str, Any] = field(default_factory=dict)  # embedded as JSON (#summary-data)
+    identity_html: str = ""  # the identity view (report/identity_view.py), already rendered
 
 
 def caption_parts(caption: str, vlm: Optional[str], attributes: Optional[str]) -> list[tuple[str, str]]:
@@ -189,7 +192,7 @@ def render_page(page: ReportPage) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">',
         f"<title>{escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_CSS}{IDENTITY_CSS}</style></head><body>",
         "<header>",
         f"<h1>{escape(title)}</h1>",
         '<div class="meta">' + " · ".join(f"{escape(k)}: <b>{escape(v)}</b>" for k, v in page.header.items()) + "</div>",
@@ -246,6 +249,9 @@ def render_page(page: ReportPage) -> str:
     for chart in page.charts:
         out.append(f"<figure>{chart.svg}<figcaption>{escape(chart.note)}</figcaption></figure>")
     out.append("</div></section>")
+
+    if page.identity_html:
+        out.append(f'<section id="identity-view">{page.identity_html}</section>')
 
     out.append('<section id="contact-sheet"><h2>Contact sheet</h2>')
     out.append(f"<p>{escape(page.sheet_note)}</p>")

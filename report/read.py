@@ -31,6 +31,15 @@ from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.transforms.write import embedding_norm, mask_fraction
 
 _SIDECAR_COLUMNS = ("key", "domain", "identity", "caption", "ref_keys", "mask_fraction", "emb_norm")
+# The identity columns (contract.JSON_IDENTITY_FIELDS in the sidecar), read when the sidecar has them.
+_VERDICT_COLUMNS = ("source", "identity_status", "identity_distance", "identity_centre", "near_duplicates", "faces")
+
+
+def _verdict(values: dict) -> Optional[dict]:
+    """The identity fields of one sample for the identity view; None when it was not verified."""
+    if values.get("identity_status") is None:
+        return None
+    return {name: values.get(name) for name in _VERDICT_COLUMNS}
 _EXAMPLES_PER_REASON = 3
 
 
@@ -88,6 +97,7 @@ class Entry:
     domain: str
     identity: Optional[str]
     ref_keys: tuple[str, ...]
+    verdict: Optional[dict] = None  # the identity fields (identity_view reads them), when verified
 
 
 @dataclass
@@ -127,13 +137,14 @@ class OutputIndex:
         ref_keys: Iterable[str],
         mask_fraction: Optional[float],
         emb_norm: Optional[float],
+        verdict: Optional[dict] = None,
     ) -> None:
         if key in self.entries:
             first = self.shards[self.entries[key].shard].rel
             self.problems.append(f"{self.shards[shard].rel}: {key}: duplicate key, also in {first}")
             return
         refs = tuple(ref_keys)
-        self.entries[key] = Entry(shard, domain, identity, refs)
+        self.entries[key] = Entry(shard, domain, identity, refs, verdict)
         self.caption_words.setdefault(domain, []).append(len(caption.split()))
         if domain == SPECIFIC:
             self.refs_per_sample.append(len(refs))
@@ -162,7 +173,10 @@ def _index_sidecar(index: OutputIndex, i: int, expected: Optional[int]) -> bool:
     unreadable, other columns, or a row count that disagrees with the manifest."""
     shard = index.shards[i]
     try:
-        table = pq.read_table(io.BytesIO(read_bytes(shard.sidecar)), columns=list(_SIDECAR_COLUMNS))
+        data = read_bytes(shard.sidecar)
+        names = set(pq.read_schema(io.BytesIO(data)).names)
+        extra = [c for c in _VERDICT_COLUMNS if c in names]
+        table = pq.read_table(io.BytesIO(data), columns=list(_SIDECAR_COLUMNS) + extra)
     except Exception:  # pyarrow raises many types on a malformed or foreign file; all mean "unusable"
         return False
     for name in _SIDECAR_COLUMNS:
@@ -183,6 +197,7 @@ def _index_sidecar(index: OutputIndex, i: int, expected: Optional[int]) -> bool:
             ref_keys=r["ref_keys"] or (),
             mask_fraction=r["mask_fraction"],
             emb_norm=r["emb_norm"],
+            verdict=_verdict(r),
         )
     return True
 
@@ -210,6 +225,7 @@ def _index_tar(index: OutputIndex, i: int) -> None:
             ref_keys=[r for r in refs if isinstance(r, str)] if isinstance(refs, list) else (),
             mask_fraction=fraction,
             emb_norm=embedding_norm(emb) if emb is not None and getattr(emb, "ndim", 0) == 1 else None,
+            verdict=_verdict(meta),
         )
 
 

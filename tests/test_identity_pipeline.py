@@ -165,3 +165,17 @@ def test_clip_path_duplicates_and_an_odd_image(demo, tiny_cache, tmp_path):
     kinds = [d for d in letters(out2) if d["kind"] == "exact duplicate"]
     assert [d["key"] for d in kinds] == [copy]
     assert manifest["reconciled"] is True and copy not in read_all(out2)
+
+
+@needs_dlib
+def test_report_shows_the_identity_view(faces_run, tmp_path):
+    from prep.report.inspect import inspect_output
+
+    summary = inspect_output(faces_run["out"], str(tmp_path / "report.html"), samples=4)
+    found = summary["identity"]["found"]
+    assert found["identities"] == 5 and found["outliers"] == 1 and found["duplicate_pairs"] >= 1
+    assert summary["identity"]["manifest"] == faces_run["manifest"]["identity"]["totals"]
+    html = open(tmp_path / "report.html", encoding="utf-8").read()
+    intruder = next(k for k, s in faces_run["samples"].items() if s["json"]["identity_status"] == "outlier")
+    assert f'<div class="idm outlier" data-key="{intruder}"><img src="data:image/' in html
+    assert html.index('data-identity="folder:obama"') < html.index('data-identity="folder:biden"')  # problems first
