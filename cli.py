@@ -86,6 +86,7 @@ def run_cmd(
         "(Beam's large-model mode, for BLIP-2-sized models)"),
     mask_batch_size: int = typer.Option(8),
     embed_batch_size: int = typer.Option(32),
+    prepare_threads: int = typer.Option(4, help="threads per model stage preparing inputs while the model runs (1: serial)"),
     trust_remote_code: bool = typer.Option(False, help="allow Hugging Face models with custom code"),
     model_cache: Optional[str] = typer.Option(None, help="where the tiny preset builds its models"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
@@ -108,7 +109,7 @@ def run_cmd(
         mask_threshold=mask_threshold, mask_min_fraction=mask_min_fraction, mask_fill=_parse_fill(mask_fill),
         refs_per_sample=refs_per_sample, seed=seed, samples_per_shard=samples_per_shard, val_fraction=val_fraction, device=device,
         caption_batch_size=caption_batch_size, caption_model_copies=caption_model_copies, mask_batch_size=mask_batch_size,
-        embed_batch_size=embed_batch_size, overwrite=overwrite, model_cache=model_cache,
+        embed_batch_size=embed_batch_size, prepare_threads=prepare_threads, overwrite=overwrite, model_cache=model_cache,
     )
     try:
         config.validate()

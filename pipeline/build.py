@@ -122,6 +122,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         device=config.device,
         trust_remote_code=config.trust_remote_code,
         max_batch_size=config.caption_batch_size,
+        prepare_threads=config.prepare_threads,
         large_model=config.caption_model_copies is not None,
         model_copies=config.caption_model_copies,
     )
@@ -131,6 +132,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         min_fraction=models.mask_min_fraction,
         device=config.device,
         max_batch_size=config.mask_batch_size,
+        prepare_threads=config.prepare_threads,
     )
     plan.embed = EmbedHandler(
         models.clip_model,
@@ -138,6 +140,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         fill=tuple(config.mask_fill),
         device=config.device,
         max_batch_size=config.embed_batch_size,
+        prepare_threads=config.prepare_threads,
     )
     return plan
 

@@ -70,6 +70,10 @@ class RunConfig:
     caption_model_copies: Optional[int] = None  # one copy shared by all processes of a worker
     mask_batch_size: int = 8
     embed_batch_size: int = 32
+    # Threads per model stage that run its per-element preprocessing (decode, composite,
+    # resize) while the model runs (transforms/inference.py); 1 = serial on the model's
+    # thread. Output is byte-identical for any value. See bench/ceiling.py for the measurement.
+    prepare_threads: int = 4
     overwrite: bool = False
     model_cache: Optional[str] = None
     extra: dict = field(default_factory=dict)
@@ -99,6 +103,8 @@ class RunConfig:
         for name in ("caption_batch_size", "mask_batch_size", "embed_batch_size", "caption_max_new_tokens", "caption_num_beams"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.prepare_threads < 1:
+            problems.append("--prepare-threads must be >= 1")
         if self.caption_model_copies is not None and self.caption_model_copies < 1:
             problems.append("--caption-model-copies must be >= 1")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

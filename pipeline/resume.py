@@ -29,7 +29,7 @@ RUN_STATE = "_run.json"
 RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written (a killed retry reruns it)
 # Config fields that do not change what is written. (The padded stages' batch sizes and the
 # device do: a model's output for one element depends on the batch size it is run in.)
-_NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "extra")
+_NOT_OUTPUT = ("overwrite", "model_cache", "mask_batch_size", "caption_model_copies", "prepare_threads", "extra")
 
 
 @dataclass

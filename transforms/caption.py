@@ -70,12 +70,14 @@ class CaptionHandler(StageHandler):
         max_batch_size: int = 8,
         large_model: bool = False,
         model_copies: Optional[int] = None,
+        prepare_threads: int = 1,
     ):
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
             large_model=large_model,
             model_copies=model_copies,
+            prepare_threads=prepare_threads,
         )
         self.model_id = model
         self.prompt = prompt or None

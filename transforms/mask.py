@@ -114,8 +114,9 @@ class MaskHandler(StageHandler):
         device: str = "auto",
         min_batch_size: Optional[int] = None,
         max_batch_size: int = 8,
+        prepare_threads: int = 1,
     ):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"mask threshold must be in (0, 1), got {threshold}")
         self.model_id = model
