@@ -140,3 +140,56 @@ def test_shards_byte_identical_with_and_without_pool(pipeline_run, demo, tiny_ca
     m2 = json.load(open(os.path.join(out, "manifest.json")))
     assert m1["shards"] == m2["shards"] and m1["counts"] == m2["counts"]
     assert m1["counts"]["dead_lettered"] >= 1  # the demo's corrupt image, dead-lettered in both
+
+
+def _direct_captions(tiny, samples, prompt=None, pad_to=4):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from prep.transforms.caption import clean_caption
+    from prep.transforms.decode import load_rgb
+
+    processor = AutoProcessor.from_pretrained(tiny.captioner)
+    net = AutoModelForImageTextToText.from_pretrained(tiny.captioner).eval()
+    images = [load_rgb(s.image_jpeg) for s in samples]
+    images += [images[-1]] * (pad_to - len(images))
+    kwargs = {"images": images, "return_tensors": "pt"}
+    if prompt:
+        kwargs["text"] = [prompt] * len(images)
+    with torch.inference_mode():
+        out = net.generate(**processor(**kwargs), max_new_tokens=6, do_sample=False)
+    return [clean_caption(t, prompt) for t in processor.batch_decode(out, skip_special_tokens=True)][: len(samples)]
+
+
+def test_caption_with_prompt_on_pool_matches_one_batched_processor_call(tiny):
+    from prep.transforms.caption import CaptionHandler
+
+    samples = [_sample(i) for i in range(3)]
+    handler = CaptionHandler(tiny.captioner, prompt="a photo of", max_new_tokens=6, device="cpu",
+                             max_batch_size=4, prepare_threads=3)
+    got = [r.inference for r in handler.run_inference(samples, handler.load_model())]
+    assert got == _direct_captions(tiny, samples, prompt="a photo of")
+
+
+def test_caption_runs_through_beams_large_model_proxy(tiny):
+    """Large-model mode hands the workers a proxy that exposes methods only: the stage must
+    call the model through `generate`, with its processor loaded locally."""
+    import uuid
+
+    from apache_beam.utils import multi_process_shared
+
+    from prep.transforms.caption import CaptionHandler
+
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4,
+                             large_model=True, prepare_threads=2)
+    assert handler.share_model_across_processes()
+    shared = multi_process_shared.MultiProcessShared(handler.load_model, tag=f"prep-test-{uuid.uuid4().hex}",
+                                                     always_proxy=True)
+    proxy = shared.acquire()
+    try:
+        worker_side = pickle.loads(pickle.dumps(handler))  # as a worker process receives it
+        samples = [_sample(i) for i in range(3)]
+        got = [r.inference for r in worker_side.run_inference(samples, proxy)]
+    finally:
+        shared.release(proxy)
+    assert got == _direct_captions(tiny, samples)
