@@ -19,6 +19,7 @@ import apache_beam as beam
 import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_mask
+from prep.pipeline.gpu_plan import caption_copies
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
 from prep.pipeline.resume import RETRY_PLAN, RUN_STATE, ResumeState
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
@@ -123,8 +124,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         trust_remote_code=config.trust_remote_code,
         max_batch_size=config.caption_batch_size,
         prepare_threads=config.prepare_threads,
-        large_model=config.caption_model_copies is not None,
-        model_copies=config.caption_model_copies,
+        large_model=caption_copies(config) is not None,  # on cuda: one copy per machine by default
+        model_copies=caption_copies(config),
     )
     plan.mask = MaskHandler(
         models.mask_model,
