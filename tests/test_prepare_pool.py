@@ -193,3 +193,16 @@ def test_caption_runs_through_beams_large_model_proxy(tiny):
     finally:
         shared.release(proxy)
     assert got == _direct_captions(tiny, samples)
+
+
+def test_failing_finish_dead_letters_only_its_element_with_and_without_pool():
+    class FinishFailsOnSix(_Doubler):
+        def finish(self, output):
+            if output == 6:
+                raise ValueError("cannot finish 6")
+            return output + 1
+
+    for threads in (1, 3):
+        handler = FinishFailsOnSix(max_batch_size=2, prepare_threads=threads)
+        out = [r.inference for r in handler.run_inference(_samples(5), 2)]
+        assert out == [1, 3, 5, Reject("postprocessing failed: ValueError: cannot finish 6"), 9]

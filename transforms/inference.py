@@ -5,6 +5,8 @@ A stage subclasses `StageHandler` and writes four small methods:
   load_model()              heavy: called once per worker process by RunInference
   prepare(sample, model)    per element: decode, resize, normalise (runs inside the batch)
   infer(prepared, model)    per batch: one model call, returns one result per element
+  finish(output)            optional, per element: host work on the model's output
+                            (binarise, encode), on the pool like prepare; default: as is
   apply(sample, result)     per element: the Sample with the stage's fields filled
 
 `run_inference` isolates failures: if a whole batch fails, each element is retried alone, so
@@ -146,6 +148,10 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     def apply(self, sample: Sample, result: Any) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def finish(self, output: Any) -> Any:
+        """Per-element host work on one model output (runs on the pool); a Reject passes through."""
+        return output
+
     def describe(self) -> dict:
         """Model id and parameters, for the manifest."""
         return {}
@@ -195,7 +201,18 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                     results[i] = value
             if ready:
                 self._infer_chunk(ready, model, results)
+                for i, _ in ready:  # finish on the pool while the model runs the next chunk
+                    if not isinstance(results[i], Reject):
+                        results[i] = pool.submit(self._finish_one, results[i]) if pool else self._finish_one(results[i])
+        if pool is not None:
+            results = [r.result() if isinstance(r, Future) else r for r in results]
         return [PredictionResult(example=s, inference=r) for s, r in zip(batch, results)]
+
+    def _finish_one(self, output: Any) -> Any:
+        try:
+            return self.finish(output)
+        except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
+            return Reject(f"postprocessing failed: {_describe(exc)}")
 
     def _infer_chunk(self, ready: list[tuple[int, Any]], model: ModelT, results: list) -> None:
         """One model batch; if it fails as a whole, each element is retried alone."""

@@ -135,16 +135,15 @@ class MaskHandler(StageHandler):
         return load_rgb(sample.image_jpeg)
 
     def infer(self, images: list, session) -> list:
-        results = []
-        for image in images:
-            soft = session.predict(image)[0]
-            mask = binarize(soft, self.threshold)
-            fraction = float(np.count_nonzero(mask)) / mask.size
-            if fraction < self.min_fraction:
-                results.append(Reject(f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
-            else:
-                results.append((mask_png(mask), fraction))
-        return results
+        return [session.predict(image)[0] for image in images]
+
+    def finish(self, soft):
+        """Soft mask -> (binary mask PNG, foreground fraction), or a Reject below the floor."""
+        mask = binarize(soft, self.threshold)
+        fraction = float(np.count_nonzero(mask)) / mask.size
+        if fraction < self.min_fraction:
+            return Reject(f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}")
+        return mask_png(mask), fraction
 
     def apply(self, sample: Sample, result) -> Sample:
         png, fraction = result
