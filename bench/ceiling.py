@@ -231,7 +231,10 @@ def stage_timing(handler, samples) -> dict:
     fixed, _ = beam_stage(handler, small)
     wall, n = beam_stage(handler, samples)
     # Net of start-up: the run over one batch took `fixed`; the images beyond it took wall - fixed.
-    net_ips = (n - len(small)) / max(wall - fixed, 1e-9) if n > len(small) else n / wall
+    if n >= 2 * len(small) and wall - fixed > 0.25 * wall:
+        net_ips = (n - len(small)) / (wall - fixed)
+    else:  # too few images to separate start-up from the work: the raw figure
+        net_ips = n / wall
     return {"wall": wall, "fixed": fixed, "n": n, "net_ips": net_ips}
 
 

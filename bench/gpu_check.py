@@ -177,8 +177,8 @@ def check_stage(stage: str, args, samples, mask_path: str) -> dict:
         _BUILT[stage] = session
         providers = session.inner_session.get_providers()
         precision = "fp32, " + ("CUDA" if "CUDAExecutionProvider" in providers else "CPU provider")
-        params = None
-        label = os.path.basename(mask_path)
+        params = os.path.getsize(mask_path) / 4  # fp32 initializers
+        label = os.path.basename(mask_path)[:16]
     build_s = time.perf_counter() - t0
     pooled, serial = handlers(stage, args.device, batch, args.threads, mask_path, args.max_new_tokens)
     record = {"stage": stage, "model": label, "params_m": round(params / 1e6, 1) if params else None,
