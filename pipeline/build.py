@@ -18,6 +18,7 @@ import apache_beam as beam
 
 import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
+from prep.pipeline.gpu_plan import caption_copies
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_face, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
 from prep.pipeline.resume import Continuation
@@ -154,8 +155,9 @@ def plan_run(config: RunConfig) -> RunPlan:
         device=config.device,
         trust_remote_code=config.trust_remote_code,
         max_batch_size=config.caption_batch_size,
-        large_model=config.caption_model_copies is not None,
-        model_copies=config.caption_model_copies,
+        large_model=caption_copies(config) is not None,  # on cuda: one copy per machine by default
+        model_copies=caption_copies(config),
+        prepare_threads=config.prepare_threads,
     )
     plan.mask = MaskHandler(
         models.mask_model,
@@ -163,6 +165,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         min_fraction=models.mask_min_fraction,
         device=config.device,
         max_batch_size=config.mask_batch_size,
+        prepare_threads=config.prepare_threads,
     )
     plan.embed = EmbedHandler(
         models.clip_model,
@@ -170,12 +173,13 @@ def plan_run(config: RunConfig) -> RunPlan:
         fill=tuple(config.mask_fill),
         device=config.device,
         max_batch_size=config.embed_batch_size,
+        prepare_threads=config.prepare_threads,
     )
     used = {models.identity.get(i.source, "none") for i in plan.items}
     plan.identity = {
         mode: IdentityHandler(mode, face_model=config.face_model, no_face=config.no_face,
                               detect_max_side=config.face_detect_max_side, device=config.device,
-                              max_batch_size=config.identity_batch_size)
+                              max_batch_size=config.identity_batch_size, prepare_threads=config.prepare_threads)
         for mode in models.identity_modes() if mode in used
     }
     return plan

@@ -128,6 +128,9 @@ class RunConfig:
     mask_batch_size: int = option(8, digest=False)
     embed_batch_size: int = option(32)
     identity_batch_size: int = option(8, digest=False)
+    prepare_threads: int = option(
+        4, digest=False, help="threads per model stage preparing inputs while the model runs (1: serial); "
+        "output is byte-identical for any value (bench/ceiling.py measures it)")
     overwrite: bool = option(False, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
     workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
@@ -193,6 +196,8 @@ class RunConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.caption_model_copies is not None and self.caption_model_copies < 1:
             problems.append("--caption-model-copies must be >= 1")
+        if self.prepare_threads < 1:
+            problems.append("--prepare-threads must be >= 1")
         if self.workers < 0:
             problems.append("--workers must be >= 0 (0: the machine's cores, capped by memory)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from prep.pipeline import gpu_plan
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
 from prep.pipeline.local import (
@@ -86,6 +88,10 @@ def run(
             "or --retry-dead-letter to redo only its dead-lettered inputs"
         )
     plan = plan_run(config)
+    memory = gpu_plan.plan_for_run(config, plan.models, beam_args or [])
+    if memory is not None:  # the models run on a GPU: print the plan, refuse one that cannot fit
+        print(gpu_plan.format_plan(memory), file=sys.stderr, flush=True)
+        gpu_plan.check_plan(memory, dataflow=gpu_plan.is_dataflow(beam_args or []))
     digest = run_digest(config, plan.items, plan.wds_urls, plan.hash_model_weights())
     resume = None
     if retry_dead_letter:

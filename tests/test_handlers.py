@@ -99,13 +99,13 @@ def test_caption_batch_failure_is_retried_per_element(tiny, monkeypatch):
     handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4)
     model = handler.load_model()
     samples = [_sample(i) for i in range(3)]
-    poisoned = load_rgb(samples[1].image_jpeg).size
+    poisoned = handler.prepare(samples[1], model)["pixel_values"]
     real_infer = CaptionHandler.infer
 
-    def flaky(self, images, m):
-        if any(img.size == poisoned and img.tobytes() == load_rgb(samples[1].image_jpeg).tobytes() for img in images):
+    def flaky(self, prepared, m):
+        if any(p["pixel_values"].equal(poisoned) for p in prepared):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_infer(self, images, m)
+        return real_infer(self, prepared, m)
 
     monkeypatch.setattr(CaptionHandler, "infer", flaky)
     results = list(handler.run_inference(samples, model))

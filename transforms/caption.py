@@ -3,12 +3,19 @@
 The model is a hub id (downloaded to the Hugging Face cache when there is a network) or a
 local directory saved with `save_pretrained`. Generation is batched; the prompt, if any, is
 fed to every image and its echo removed from the output.
+
+The processor (resize, normalise, tokenise the prompt) runs per element in `prepare`, on the
+handler's thread pool, and is loaded in every worker process; the network runs behind
+`LoadedCaptioner.generate`, a method, so that in Beam's large-model mode (one copy per
+machine in a server process, `--caption-model-copies`) the workers call it through the
+proxy Beam hands them (a proxy exposes methods only, not attributes).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -52,6 +59,16 @@ class LoadedCaptioner:  # a class, not a tuple: Beam's Shared keeps a weak refer
     device: str
     dtype: Any
 
+    def generate(self, inputs: dict, **kwargs):
+        """Token ids (a CPU tensor) for processor outputs `inputs`; callable through a proxy."""
+        import torch
+
+        batch = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            return self.model.generate(**batch, **kwargs).cpu()
+
 
 class CaptionHandler(StageHandler):
     """Batched captioning with any `AutoModelForImageTextToText` model."""
@@ -72,12 +89,14 @@ class CaptionHandler(StageHandler):
         max_batch_size: int = RunConfig.default("caption_batch_size"),
         large_model: bool = False,
         model_copies: Optional[int] = None,
+        prepare_threads: int = 1,
     ):
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
             large_model=large_model,
             model_copies=model_copies,
+            prepare_threads=prepare_threads,
         )
         self.model_id = model
         self.prompt = prompt or None
@@ -86,6 +105,31 @@ class CaptionHandler(StageHandler):
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
+        self._processor_cache: Any = None
+        self._processor_lock = threading.Lock()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_processor_cache"] = None
+        state["_processor_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._processor_lock = threading.Lock()
+
+    def processor(self):
+        """This process's processor (loaded once; cheap next to the model)."""
+        with self._processor_lock:
+            if self._processor_cache is None:
+                from transformers import AutoProcessor
+
+                try:
+                    self._processor_cache = AutoProcessor.from_pretrained(
+                        self.model_id, trust_remote_code=self.trust_remote_code)
+                except (OSError, ValueError) as exc:
+                    raise _hf_unavailable(self.model_id, exc) from exc
+            return self._processor_cache
 
     def describe(self) -> dict:
         return {
@@ -98,7 +142,7 @@ class CaptionHandler(StageHandler):
 
     def load_model(self):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -108,8 +152,8 @@ class CaptionHandler(StageHandler):
             torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
         else:
             torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        processor = self.processor()
         try:
-            processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(
                 self.model_id, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
             )
@@ -119,21 +163,21 @@ class CaptionHandler(StageHandler):
         return LoadedCaptioner(processor, model, device, torch_dtype)
 
     def prepare(self, sample: Sample, model):
-        return load_rgb(sample.image_jpeg)
+        """Processor outputs for one image (and the prompt): a dict of tensors with batch 1.
 
-    def infer(self, images: list, model) -> list:
+        The processors treat the images of a batch one by one, so concatenating these is
+        the batch call's result (tests/test_handlers.py checks it against a direct call)."""
+        kwargs = {"images": [load_rgb(sample.image_jpeg)], "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt]
+        return dict(self.processor()(**kwargs))
+
+    def infer(self, prepared: list, model) -> list:
         import torch
 
-        processor, net, device, torch_dtype = model.processor, model.model, model.device, model.dtype
-        kwargs = {"images": images, "return_tensors": "pt"}
-        if self.prompt:
-            kwargs["text"] = [self.prompt] * len(images)
-        inputs = processor(**kwargs).to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
-        with torch.inference_mode():
-            out = net.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
-        texts = processor.batch_decode(out, skip_special_tokens=True)
+        inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        out = model.generate(inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
+        texts = self.processor().batch_decode(out, skip_special_tokens=True)
         results = []
         for text in texts:
             caption = clean_caption(text, self.prompt)

@@ -97,8 +97,9 @@ class EmbedHandler(StageHandler):
         precision: str = "auto",
         min_batch_size: Optional[int] = None,
         max_batch_size: int = RunConfig.default("embed_batch_size"),
+        prepare_threads: int = 1,
     ):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)
         self.model_id = model
         self.pretrained = pretrained
         self.fill = tuple(fill)

@@ -120,8 +120,9 @@ class IdentityHandler(StageHandler):
         device: str = "auto",
         min_batch_size: Optional[int] = None,
         max_batch_size: int = 8,
+        prepare_threads: int = 1,
     ):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)
         if mode not in (FACE, CLIP):
             raise ValueError(f"identity stage mode must be {FACE!r} or {CLIP!r}, got {mode!r}")
         if no_face not in (NO_FACE_DROP, NO_FACE_KEEP):

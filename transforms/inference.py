@@ -5,6 +5,8 @@ A stage subclasses `StageHandler` and writes four small methods:
   load_model()              heavy: called once per worker process by RunInference
   prepare(sample, model)    per element: decode, resize, normalise (runs inside the batch)
   infer(prepared, model)    per batch: one model call, returns one result per element
+  finish(output)            optional, per element: host work on the model's output
+                            (binarise, encode), on the pool like prepare; default: as is
   apply(sample, result)     per element: the Sample with the stage's fields filled
 
 `run_inference` isolates failures: if a whole batch fails, each element is retried alone, so
@@ -17,11 +19,24 @@ differently on every run. Stages with `pad_batches` therefore always call the mo
 exactly `max_batch_size` elements (the tail padded with copies of the last one, whose
 outputs are dropped): measured, a row's output is then bit-identical whatever its
 companions and position, so reruns write byte-identical shards.
+
+Preparing off the model's thread: with `prepare_threads` > 1, `prepare` runs on a small
+thread pool (JPEG/PNG decode, PIL resize and composite, numpy release the GIL). Beam's
+RunInference calls `run_inference(batch, model)` once per batch from one thread and turns
+its result into a list before it asks for the next batch, so a handler cannot prepare the
+*next* call's elements while the model runs this one. What it can do, and does: ask
+BatchElements for up to `PIPELINE_CHUNKS` model batches per call, submit every element's
+`prepare` to the pool at once, and run the model on chunk k (exactly `max_batch_size`
+elements, padded as above) while the pool prepares chunks k+1, ... Outputs are matched to
+their elements by position, so the order and bytes of the results are those of the serial
+path; an element whose prepare raises still dead-letters alone.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Iterable, Optional, Sequence, TypeVar
 
@@ -33,6 +48,10 @@ from prep.transforms.common import DEAD, counter, dead
 
 ModelT = TypeVar("ModelT")
 log = logging.getLogger(__name__)
+
+# Model batches per run_inference call when preparing on a pool: the pool prepares chunks
+# k+1.. while the model runs chunk k. More chunks overlap more but hold more prepared inputs.
+PIPELINE_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
         max_batch_size: int = 8,
         large_model: bool = False,
         model_copies: Optional[int] = None,
+        prepare_threads: int = 1,
     ):
         # Padded stages pay for a full batch anyway: ask BatchElements for full batches from
         # the start instead of its adaptive ramp from 1.
@@ -75,8 +95,33 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
             large_model=large_model,
             model_copies=model_copies,
         )
-        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+        if prepare_threads < 1:
+            raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
+        self.prepare_threads = prepare_threads
+        # With a pool, one call holds several model batches (see the module docstring).
+        per_call = max_batch_size * (PIPELINE_CHUNKS if prepare_threads > 1 else 1)
+        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": per_call}
         self.max_batch_size = max_batch_size
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+
+    def __getstate__(self):  # a thread pool and a lock do not pickle; each worker makes its own
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        state["_pool_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool_lock = threading.Lock()
+
+    def _executor(self) -> Optional[ThreadPoolExecutor]:
+        if self.prepare_threads <= 1:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix=f"prep-{self.stage}")
+            return self._pool
 
     # -- what a stage writes -------------------------------------------------------------
     def load_model(self) -> ModelT:  # pragma: no cover - abstract
@@ -90,6 +135,10 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
 
     def apply(self, sample: Sample, result: Any) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def finish(self, output: Any) -> Any:
+        """Per-element host work on one model output (runs on the pool); a Reject passes through."""
+        return output
 
     def describe(self) -> dict:
         """Model id and parameters, for the manifest."""
@@ -112,31 +161,62 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     def get_metrics_namespace(self) -> str:
         return f"prep.{self.stage}"
 
+    def _prepare_one(self, sample: Sample, model: ModelT) -> tuple[bool, Any]:
+        """(True, prepared) or (False, Reject): never raises, so the pool never holds an error."""
+        try:
+            return True, self.prepare(sample, model)
+        except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
+            return False, Reject(DeadLetterKind.PREPROCESSING_FAILED, f"preprocessing failed: {_describe(exc)}")
+
     def run_inference(
         self, batch: Sequence[Sample], model: ModelT, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
+        batch = list(batch)
         results: list[Any] = [None] * len(batch)
-        ready: list[tuple[int, Any]] = []
-        for i, sample in enumerate(batch):
-            try:
-                ready.append((i, self.prepare(sample, model)))
-            except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
-                results[i] = Reject(DeadLetterKind.PREPROCESSING_FAILED, f"preprocessing failed: {_describe(exc)}")
-        if ready:
-            try:
-                outputs = self._infer_fixed([p for _, p in ready], model)
-                for (i, _), out in zip(ready, outputs):
-                    results[i] = out
-            except Exception as batch_exc:  # noqa: BLE001 - isolate: retry each element alone
-                if len(ready) > 1:
-                    log.warning("%s: batch of %d failed (%s); retrying one by one",
-                                self.stage, len(ready), _describe(batch_exc))
-                for i, prepared in ready:
-                    try:
-                        results[i] = self._infer_fixed([prepared], model)[0]
-                    except Exception as exc:  # noqa: BLE001
-                        results[i] = Reject(DeadLetterKind.INFERENCE_FAILED, f"inference failed: {_describe(exc)}")
+        pool = self._executor()
+        if pool is not None:  # every prepare queued now; the model starts on chunk 0 when it is ready
+            futures: list[Future] = [pool.submit(self._prepare_one, s, model) for s in batch]
+            prepared_at = lambda i: futures[i].result()  # noqa: E731
+        else:
+            prepared_at = lambda i: self._prepare_one(batch[i], model)  # noqa: E731
+        for start in range(0, len(batch), self.max_batch_size):
+            ready: list[tuple[int, Any]] = []
+            for i in range(start, min(start + self.max_batch_size, len(batch))):
+                ok, value = prepared_at(i)
+                if ok:
+                    ready.append((i, value))
+                else:
+                    results[i] = value
+            if ready:
+                self._infer_chunk(ready, model, results)
+                for i, _ in ready:  # finish on the pool while the model runs the next chunk
+                    if not isinstance(results[i], Reject):
+                        results[i] = pool.submit(self._finish_one, results[i]) if pool else self._finish_one(results[i])
+        if pool is not None:
+            results = [r.result() if isinstance(r, Future) else r for r in results]
         return [PredictionResult(example=s, inference=r) for s, r in zip(batch, results)]
+
+    def _finish_one(self, output: Any) -> Any:
+        try:
+            return self.finish(output)
+        except Exception as exc:  # noqa: BLE001 - becomes a dead letter with the reason
+            return Reject(DeadLetterKind.POSTPROCESSING_FAILED, f"postprocessing failed: {_describe(exc)}")
+
+    def _infer_chunk(self, ready: list[tuple[int, Any]], model: ModelT, results: list) -> None:
+        """One model batch; if it fails as a whole, each element is retried alone."""
+        try:
+            outputs = self._infer_fixed([p for _, p in ready], model)
+            for (i, _), out in zip(ready, outputs):
+                results[i] = out
+        except Exception as batch_exc:  # noqa: BLE001 - isolate: retry each element alone
+            if len(ready) > 1:
+                log.warning("%s: batch of %d failed (%s); retrying one by one",
+                            self.stage, len(ready), _describe(batch_exc))
+            for i, prepared in ready:
+                try:
+                    results[i] = self._infer_fixed([prepared], model)[0]
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = Reject(DeadLetterKind.INFERENCE_FAILED, f"inference failed: {_describe(exc)}")
 
 
 class _ApplyResults(beam.DoFn):

@@ -118,8 +118,9 @@ class MaskHandler(StageHandler):
         device: str = "auto",
         min_batch_size: Optional[int] = None,
         max_batch_size: int = RunConfig.default("mask_batch_size"),
+        prepare_threads: int = 1,
     ):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"mask threshold must be in (0, 1), got {threshold}")
         self.model_id = model
@@ -138,16 +139,16 @@ class MaskHandler(StageHandler):
         return load_rgb(sample.image_jpeg)
 
     def infer(self, images: list, session) -> list:
-        results = []
-        for image in images:
-            soft = session.predict(image)[0]
-            mask = binarize(soft, self.threshold)
-            fraction = float(np.count_nonzero(mask)) / mask.size
-            if fraction < self.min_fraction:
-                results.append(Reject(DeadLetterKind.MASK_BELOW_FLOOR, f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}"))
-            else:
-                results.append((mask_png(mask), fraction))
-        return results
+        return [session.predict(image)[0] for image in images]
+
+    def finish(self, soft):
+        """Soft mask -> (binary mask PNG, foreground fraction), or a Reject below the floor."""
+        mask = binarize(soft, self.threshold)
+        fraction = float(np.count_nonzero(mask)) / mask.size
+        if fraction < self.min_fraction:
+            return Reject(DeadLetterKind.MASK_BELOW_FLOOR,
+                          f"mask foreground {fraction:.2%} below the floor {self.min_fraction:.2%}")
+        return mask_png(mask), fraction
 
     def apply(self, sample: Sample, result) -> Sample:
         png, fraction = result
