@@ -14,6 +14,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from conftest import demo_config, fn_api_runner
+from prep.schemas.records import DeadLetterKind
 from prep.pipeline.build import build_pipeline, plan_run
 from prep.pipeline.config import RunConfig
 from prep.schemas.records import Sample
@@ -64,7 +65,7 @@ def test_pool_keeps_order_pads_each_chunk_and_isolates_a_failing_prepare():
     pooled = _Doubler(bad={"k5"}, max_batch_size=4, prepare_threads=3)
     assert pooled.batch_elements_kwargs()["max_batch_size"] == 4 * PIPELINE_CHUNKS
     batch = _samples(11)  # chunks of 4, 4, 3 (the last padded to 4)
-    want = [Reject("preprocessing failed: ValueError: cannot prepare k5") if i == 5 else 2 * i for i in range(11)]
+    want = [Reject(DeadLetterKind.PREPROCESSING_FAILED, "preprocessing failed: ValueError: cannot prepare k5") if i == 5 else 2 * i for i in range(11)]
     for handler in (serial, pooled):
         out = list(handler.run_inference(batch, handler.load_model()))
         assert [r.example.key for r in out] == [s.key for s in batch]
@@ -83,7 +84,7 @@ def test_pool_batch_failure_is_retried_per_element():
 
     handler = FailsOnSeven(max_batch_size=4, prepare_threads=2)
     out = [r.inference for r in handler.run_inference(_samples(9), 2)]
-    assert out[7] == Reject("inference failed: RuntimeError: seven")
+    assert out[7] == Reject(DeadLetterKind.INFERENCE_FAILED, "inference failed: RuntimeError: seven")
     assert [o for i, o in enumerate(out) if i != 7] == [2 * i for i in range(9) if i != 7]
 
 
@@ -205,4 +206,4 @@ def test_failing_finish_dead_letters_only_its_element_with_and_without_pool():
     for threads in (1, 3):
         handler = FinishFailsOnSix(max_batch_size=2, prepare_threads=threads)
         out = [r.inference for r in handler.run_inference(_samples(5), 2)]
-        assert out == [1, 3, 5, Reject("postprocessing failed: ValueError: cannot finish 6"), 9]
+        assert out == [1, 3, 5, Reject(DeadLetterKind.POSTPROCESSING_FAILED, "postprocessing failed: ValueError: cannot finish 6"), 9]
