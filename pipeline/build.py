@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +47,7 @@ class RunPlan:
     items: list[SourceItem] = field(default_factory=list)
     ingest_dead: list[DeadLetter] = field(default_factory=list)
     wds_urls: list[str] = field(default_factory=list)
+    wds_origins: dict[str, dict] = field(default_factory=dict)  # url -> {"input": n, "tar": relative}
     reports: list[SourceReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dim: int = 0
@@ -127,14 +129,20 @@ def plan_run(config: RunConfig) -> RunPlan:
             plan.warnings.append(f"input {spec!r} repeats an earlier input; it is read once")
             continue
         given.add(where)
+        n = config.inputs.index(spec)  # lineage: which input (manifest config.inputs / sources)
         if kind == "wds":
             urls, report = sources.plan_wds(location)
-            plan.wds_urls.extend(u for u in urls if u not in plan.wds_urls)
+            root = pattern_root(location)
+            for url in urls:
+                if url not in plan.wds_urls:
+                    plan.wds_urls.append(url)
+                    plan.wds_origins[url] = {"input": n, "tar": relative_to(root, url)}
         else:
             planner = sources.plan_celeba if kind == "celeba" else sources.plan_folder
             items, letters, report = planner(location)
             plan.ingest_dead.extend(letters)
             for item in items:
+                item = dataclasses.replace(item, origin={"input": n, **(item.origin or {})})
                 if item.key in seen:
                     plan.ingest_dead.append(
                         DeadLetter.of(item, "ingest", DeadLetterKind.DUPLICATE_KEY, f"duplicate key: {item.key} is also {seen[item.key]}")
@@ -183,6 +191,18 @@ def plan_run(config: RunConfig) -> RunPlan:
         for mode in models.identity_modes() if mode in used
     }
     return plan
+
+
+def pattern_root(pattern: str) -> str:
+    """The folder of a tar pattern before any brace or glob: '/d/laion/{0..9}.tar' -> '/d/laion'."""
+    head = re.split(r"[{*?\[]", pattern, maxsplit=1)[0]
+    return head.rsplit("/", 1)[0] if "/" in head else ""
+
+
+def relative_to(root: str, url: str) -> str:
+    """A tar's path relative to its pattern's folder (lineage that does not move with the data)."""
+    prefix = root.rstrip("/") + "/"
+    return url[len(prefix):] if root and url.startswith(prefix) else url
 
 
 INLINE_ITEMS = 10_000  # above this, the planned items go to files, not into the job graph
@@ -417,7 +437,7 @@ def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
     items = listed | "FanOutImages" >> beam.Reshuffle()
     images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
     tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
-    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard()).with_outputs(DEAD, main="ok")
+    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard(plan.wds_origins)).with_outputs(DEAD, main="ok")
     letters = [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
     streamed_inputs = (
         (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()

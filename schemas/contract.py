@@ -26,8 +26,10 @@ Additions to v1 (readers of v1 ignore JSON fields and members they do not know; 
 field below is written by this version, null / [] where it does not apply):
   JSON_IDENTITY_FIELDS  the identity step's evidence: face box/landmarks/share, verdict,
                         distance to the identity's centre, near-duplicates, ref distances, hashes
-  "origin"              lineage: {"path": file path relative to the input root} or
-                        {"url": tar URL, "member": the key inside the tar}
+  "origin"              lineage: {"input": n, "path": file path relative to the input root}
+                        or {"input": n, "tar": tar path relative to the pattern's folder,
+                        "member": the key inside the tar}; n indexes the manifest's
+                        config.inputs (relative paths: shards do not change when data moves)
   KEY.face.npy          optional member (above)
 schema_version stays 1: nothing a v1 reader relies on changed meaning, and outputs written
 before these additions still validate (the fields are checked when present).

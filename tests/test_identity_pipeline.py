@@ -95,7 +95,7 @@ def test_real_faces_letterboxed_copy_and_two_people(faces_run):
     biden = s[("biden", "biden2.jpg")]["face.npy"]
     assert np.linalg.norm(two["face.npy"] - obama) < 0.6 < np.linalg.norm(two["face.npy"] - biden)
     # Lineage: the file the sample came from, relative to the input root.
-    assert two["json"]["origin"] == {"path": "obama/two_people.jpg"}
+    assert two["json"]["origin"] == {"input": 0, "path": "obama/two_people.jpg"}
 
 
 @needs_dlib

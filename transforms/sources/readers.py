@@ -98,7 +98,10 @@ class ReadWdsShard(beam.DoFn):
     error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, origins: Optional[dict[str, dict]] = None) -> None:
+        # url -> the lineage prefix of its samples ({"input": n, "tar": path relative to the
+        # input pattern's folder}); without it, the URL itself.
+        self._origins = dict(origins or {})
         self._samples = counter("read_wds", "samples")
         self._no_image = counter("read_wds", "no_image")
         self._duplicates = counter("read_wds", "duplicate")
@@ -200,5 +203,5 @@ class ReadWdsShard(beam.DoFn):
             path=path,
             raw=image,
             text=text,
-            origin={"url": url, "member": sample.key},
+            origin={**self._origins.get(url, {"tar": url}), "member": sample.key},
         )
