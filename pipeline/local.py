@@ -107,8 +107,19 @@ def auto_workers(preset: str, device: str, cores: Optional[int] = None, memory: 
     return max(1, cores)
 
 
-def resolve_workers(workers: int, preset: str, device: str) -> int:
-    return auto_workers(preset, device) if workers == AUTO else workers
+# Below this many inputs (planned images, and SAMPLES_PER_TAR_GUESS per input tar) auto picks
+# one process: each SDK worker process costs ~10-20 s to start and load its models here, more
+# than a small run's whole work (the README's demo: ~7 s in one process).
+AUTO_MIN_INPUTS = 5000
+SAMPLES_PER_TAR_GUESS = 1000
+
+
+def resolve_workers(workers: int, preset: str, device: str, planned_inputs: Optional[int] = None) -> int:
+    if workers != AUTO:
+        return workers
+    if planned_inputs is not None and planned_inputs < AUTO_MIN_INPUTS:
+        return 1
+    return auto_workers(preset, device)
 
 
 def worker_args(workers: int, beam_args: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from prep.pipeline.config import RunConfig
 from prep.pipeline.local import (
     check_options,
     is_local,
+    SAMPLES_PER_TAR_GUESS,
     resolve_workers,
     worker_args,
     worker_environment,
@@ -121,7 +122,8 @@ def run(
         log.warning("%s", warning)
     beam_args = list(beam_args or [])
     if is_local(PipelineOptions(beam_args)):
-        workers = resolve_workers(config.workers, config.preset, config.device)
+        planned = len(plan.items) + SAMPLES_PER_TAR_GUESS * len(plan.wds_urls)
+        workers = resolve_workers(config.workers, config.preset, config.device, planned)
         log.info("local run on %d worker process(es)", workers)
         beam_args = worker_args(workers, beam_args)
     options = PipelineOptions(beam_args)

@@ -100,7 +100,7 @@ class FakeSample:
         return [
             (f"{self.key}.{ext}", data[ext])
             for ext in MEMBER_ORDER
-            if data[ext] is not None and ext not in self.omit
+            if data.get(ext) is not None and ext not in self.omit
         ]
 
 
@@ -526,3 +526,33 @@ def test_letters_without_kind_are_classed_by_their_reason_once():
     assert of({"reason": "captioner produced an empty caption"}) is DeadLetterKind.EMPTY_CAPTION
     assert of({"reason": "timeout"}) is DeadLetterKind.UNKNOWN
     assert of({"kind": "too small", "reason": "duplicate key: x"}) is DeadLetterKind.TOO_SMALL  # kind wins
+
+
+# ----------------------------------------------------------------------------- identity fields
+
+
+def _verified(out: FakeOutput, key: str, **fields) -> None:
+    s = out.sample(key)
+    s.meta_overrides.update({"identity_model": "clip", "identity_status": "verified", "identity_distance": 0.1,
+                             "near_duplicates": [], "ref_distances": [0.2] * len(s.ref_keys), **fields})
+
+
+def test_identity_fields_valid_and_refs_must_be_verified(tmp_path):
+    out = valid_output()
+    for key in ("s_ida_0", "s_ida_1", "s_ida_2"):
+        _verified(out, key)
+    assert run(out, tmp_path / "a").ok  # added fields are known; consistent values pass
+    out.sample("s_ida_2").meta_overrides["identity_status"] = "outlier"
+    out.sample("s_ida_2").meta_overrides["identity_distance"] = 0.9
+    report = run(out, tmp_path / "b")
+    assert_problem(report, "s_ida_2.json", "only verified samples get refs")
+    assert_problem(report, "s_ida_0", "ref_keys", "s_ida_2", "'outlier', not a verified sample")
+
+
+def test_identity_field_problems_reported(tmp_path):
+    out = valid_output()
+    _verified(out, "s_ida_0", face_box=[0, 0, 999, 10], face_landmarks=[[1, 1]] * 5,
+              near_duplicates=["s_ida_1"])
+    report = run(out, tmp_path)
+    assert_problem(report, "s_ida_0.json", "face_box [0, 0, 999, 10] is not inside")
+    assert_problem(report, "s_ida_0.json", "near-duplicates of the sample")

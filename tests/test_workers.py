@@ -153,3 +153,12 @@ def test_a_run_resumes_with_another_number_of_workers():
 
     assert digest(workers=1) == digest(workers=2) == digest(workers=0)
     assert digest(seed=1) != digest(seed=0)  # the digest does see the config
+
+
+def test_auto_runs_small_inputs_in_one_process():
+    from prep.pipeline.local import AUTO_MIN_INPUTS, auto_workers, resolve_workers
+
+    assert resolve_workers(0, "tiny", "cpu", AUTO_MIN_INPUTS - 1) == 1  # the demo: start-up would dominate
+    assert resolve_workers(0, "tiny", "cpu", AUTO_MIN_INPUTS) == auto_workers("tiny", "cpu")
+    assert resolve_workers(0, "tiny", "cpu") == auto_workers("tiny", "cpu")
+    assert resolve_workers(3, "tiny", "cpu", 10) == 3  # an explicit N always wins

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ from prep.device import resolve_device
 from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
-from prep.transforms.inference import ModelUnavailable, Reject, StageHandler
+from prep.transforms.inference import LAZY_LOCK, ModelUnavailable, Reject, StageHandler
 
 STAGE = "caption"
 _WS = re.compile(r"\s+")
@@ -106,21 +105,15 @@ class CaptionHandler(StageHandler):
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self._processor_cache: Any = None
-        self._processor_lock = threading.Lock()
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_processor_cache"] = None
-        state["_processor_lock"] = None
         return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._processor_lock = threading.Lock()
 
     def processor(self):
         """This process's processor (loaded once; cheap next to the model)."""
-        with self._processor_lock:
+        with LAZY_LOCK:
             if self._processor_cache is None:
                 from transformers import AutoProcessor
 

@@ -49,6 +49,11 @@ from prep.transforms.common import DEAD, counter, dead
 ModelT = TypeVar("ModelT")
 log = logging.getLogger(__name__)
 
+# Guards the lazy, once-per-process creation of what a handler cannot carry when pickled (its
+# thread pool, the captioner's processor). Module level on purpose: a lock held by the handler
+# would travel in the pipeline graph (tests/test_graph.py refuses that), and creation is rare.
+LAZY_LOCK = threading.Lock()
+
 # Model batches per run_inference call when preparing on a pool: the pool prepares chunks
 # k+1.. while the model runs chunk k. More chunks overlap more but hold more prepared inputs.
 PIPELINE_CHUNKS = 4
@@ -103,22 +108,16 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
         self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": per_call}
         self.max_batch_size = max_batch_size
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pool_lock = threading.Lock()
 
-    def __getstate__(self):  # a thread pool and a lock do not pickle; each worker makes its own
+    def __getstate__(self):  # a thread pool does not pickle; each worker process makes its own
         state = dict(self.__dict__)
         state["_pool"] = None
-        state["_pool_lock"] = None
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pool_lock = threading.Lock()
 
     def _executor(self) -> Optional[ThreadPoolExecutor]:
         if self.prepare_threads <= 1:
             return None
-        with self._pool_lock:
+        with LAZY_LOCK:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix=f"prep-{self.stage}")
             return self._pool
