@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from bench.common import feed_by_key
+
 SIZES = {"celeba": (178, 218), "web": (1024, 768)}
 DEFAULT_IMAGES = {"celeba": 768, "web": 128}
 BATCH = {"caption": 8, "mask": 8, "embed": 32}
@@ -193,30 +195,19 @@ def plain_loop(handler, samples, threads: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-_BY_KEY: dict = {}  # this process's samples by key: the in-memory runner runs in this process
-
-
-def _lookup(key: str):
-    return _BY_KEY[key]
-
-
 def beam_stage(handler, samples) -> tuple[float, int]:
     """Wall seconds of ModelStage over the samples on the in-memory runner, and the ok count.
 
-    The graph carries only keys, looked up in this process: `beam.Create(samples)` would
-    pickle and bz2-compress every image into the graph and unpickle it again (measured
-    ~1.3 s per 64 CelebA-size images), a cost of the benchmark's input, not of the stage."""
+    The graph carries only keys, looked up in this process (`bench.common.feed_by_key`)."""
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     from prep.transforms.inference import ModelStage
 
-    _BY_KEY.update((s.key, s) for s in samples)
     start = time.perf_counter()
     p = beam.Pipeline(runner=FnApiRunner())
-    _ = (p | "Keys" >> beam.Create([s.key for s in samples], reshuffle=False)
-         | "Samples" >> beam.Map(_lookup) | "Stage" >> ModelStage(handler))
+    _ = feed_by_key(p, samples) | "Stage" >> ModelStage(handler)
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - start
@@ -302,7 +293,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    # Run as the importable module: the graph then pickles _lookup by name (as __main__ it
+    # Run as the importable module: the graph then pickles bench.common.lookup by name (as __main__ it
     # would pickle it by value, with every image in _BY_KEY).
     from bench.ceiling import main as _main
 
