@@ -33,8 +33,6 @@ import time
 
 import numpy as np
 
-from bench.common import feed_by_key
-
 SIZES = {"celeba": (178, 218), "web": (1024, 768)}
 DEFAULT_IMAGES = {"celeba": 768, "web": 128}
 BATCH = {"caption": 8, "mask": 8, "embed": 32}
@@ -199,20 +197,10 @@ def beam_stage(handler, samples) -> tuple[float, int]:
     """Wall seconds of ModelStage over the samples on the in-memory runner, and the ok count.
 
     The graph carries only keys, looked up in this process (`bench.common.feed_by_key`)."""
-    import apache_beam as beam
-    from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from bench.stages import pipeline_stage
 
-    from prep.transforms.inference import ModelStage
-
-    start = time.perf_counter()
-    p = beam.Pipeline(runner=FnApiRunner())
-    _ = feed_by_key(p, samples) | "Stage" >> ModelStage(handler)
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.perf_counter() - start
-    counters = result.metrics().query(MetricsFilter().with_name(f"{handler.stage}.ok"))["counters"]
-    return wall, sum(c.committed for c in counters)
+    _, n, wall, _ = pipeline_stage(handler, samples)
+    return wall, n
 
 
 def stage_timing(handler, samples) -> dict:
