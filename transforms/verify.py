@@ -27,8 +27,8 @@ re-encoded copy teaches copy-paste). `verify_group` decides, for each member of 
 With no identity model (`embeddings` None for everyone) nothing is verified and the refs are
 exactly the earlier seeded random choice among all others.
 
-Cost: the distance matrix of a group, O(n^2 D) time and O(n^2) memory: ~40 ms for 2,000
-members of D=128; CelebA's largest identity has 35. A class of hundreds of thousands of
+Cost: the distance matrix of a group, O(n^2 D) time and O(n^2) memory: measured 1 ms for 35
+members (CelebA's largest identity) and 0.2 s for 2,000 at D=128. A class of hundreds of thousands of
 images (a `folder:` class) needs the approximate path this module does not have yet.
 """
 
@@ -40,8 +40,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prep.schemas.contract import IDENTITY_STATUSES as STATUSES  # noqa: E402 - the one list
-from prep.schemas.contract import OUTLIER, SINGLE, UNVERIFIED, VERIFIED  # noqa: E402,F401
+from prep.schemas.contract import IDENTITY_STATUSES as STATUSES  # the one list of statuses
+from prep.schemas.contract import OUTLIER, SINGLE, UNVERIFIED, VERIFIED  # noqa: F401 - re-exported
 
 RANDOM = "random"
 DIVERSE = "diverse"
@@ -172,22 +172,25 @@ def verify_group(
     faces = choose_faces(members)
     have = [i for i in range(n) if faces[i] is not None]
     dist = np.full((n, n), np.inf)
+    sub = np.zeros((0, 0))
     if have:
-        vectors = np.stack([members[i].embeddings[faces[i]] for i in have])
-        sub = pairwise(vectors)
-        for a, i in enumerate(have):
-            dist[i, have] = sub[a]
+        sub = pairwise(np.stack([members[i].embeddings[faces[i]] for i in have]))
+        dist[np.ix_(have, have)] = sub
 
     # Near-duplicates: embedding distance, equal perceptual hash, equal pixels.
-    dups: list[set[int]] = [set() for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            a, b = members[i], members[j]
-            same_pixels = a.pixel_sha256 is not None and a.pixel_sha256 == b.pixel_sha256
-            same_hash = a.phash is not None and a.phash == b.phash
-            if same_pixels or same_hash or dist[i, j] < thresholds.duplicate:
-                dups[i].add(j)
-                dups[j].add(i)
+    close = dist < thresholds.duplicate
+    np.fill_diagonal(close, False)
+    for attribute in ("pixel_sha256", "phash"):
+        buckets: dict[str, list[int]] = {}
+        for i, m in enumerate(members):
+            value = getattr(m, attribute)
+            if value is not None:
+                buckets.setdefault(value, []).append(i)
+        for same in buckets.values():
+            if len(same) > 1:
+                close[np.ix_(same, same)] = True
+    np.fill_diagonal(close, False)
+    dups: list[set[int]] = [set(np.flatnonzero(close[i]).tolist()) for i in range(n)]
 
     status: list[str] = [UNVERIFIED] * n
     distance: list[Optional[float]] = [None] * n
@@ -201,18 +204,21 @@ def verify_group(
         if d <= thresholds.same:
             status[i] = status[j] = VERIFIED
     elif len(have) >= 3:
-        sums = [(float(dist[i, have].sum()), keys[i], i) for i in have]
-        centre = min(sums)[2]
+        sums = sub.sum(axis=1)
+        centre = min((float(sums[a]), keys[i], i) for a, i in enumerate(have))[2]
         for i in have:
             d = float(dist[i, centre])
             distance[i] = d
             status[i] = VERIFIED if d <= thresholds.same else OUTLIER
 
+    verified = np.array([x == VERIFIED for x in status], bool)
     verdicts = []
     for i, m in enumerate(members):
         refs: list[int] = []
         if status[i] == VERIFIED:
-            candidates = [j for j in range(n) if j != i and status[j] == VERIFIED and j not in dups[i]]
+            allowed = verified & ~close[i]
+            allowed[i] = False
+            candidates = np.flatnonzero(allowed).tolist()
             if strategy == RANDOM:
                 picked = _random_refs(m.key, [keys[j] for j in candidates], k, seed)
                 index = {keys[j]: j for j in candidates}
