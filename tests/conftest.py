@@ -80,3 +80,24 @@ def pipeline_run(demo, tiny, tiny_cache, tmp_path_factory) -> dict:
 
 def pytest_addoption(parser):
     parser.addoption("--golden-write", action="store_true", help="rewrite tests/golden_demo.json (test_golden.py)")
+
+
+def assert_same_output(first: str, out: str) -> list[str]:
+    """Every file of two runs' outputs byte-identical (the manifest, which names its own folder,
+    compared on shards and counts; _run.json is written by run(), not the graph). Returns the
+    relative file names compared."""
+    import glob
+    import json
+
+    names = sorted(
+        os.path.relpath(f, first) for f in glob.glob(os.path.join(first, "**", "*"), recursive=True) if os.path.isfile(f)
+    )
+    for name in names:
+        if name in ("manifest.json", "_run.json"):
+            continue
+        with open(os.path.join(first, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
+    m1 = json.load(open(os.path.join(first, "manifest.json")))
+    m2 = json.load(open(os.path.join(out, "manifest.json")))
+    assert m1["shards"] == m2["shards"] and m1["counts"] == m2["counts"]
+    return names
