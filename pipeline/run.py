@@ -157,6 +157,17 @@ def format_summary(manifest: dict, out: str) -> str:
         mine = [s for s in shards if s.get("split", contract.TRAIN) == split and s["domain"] == domain]
         where = f"{out.rstrip('/')}/{contract.shard_folder(split, domain)}/"
         lines.append(f"{split} {domain}: {len(mine)} shard(s), {sum(s['count'] for s in mine)} samples -> {where}")
+    identity = manifest.get("identity")
+    if identity:
+        t = identity.get("totals") or {}
+        by_status = t.get("samples") or {}
+        models = ", ".join(f"{kind} {mode}" for kind, mode in sorted((identity.get("models") or {}).items()))
+        lines.append(
+            f"identity ({models}): {t.get('identities', 0)} identities, {t.get('identities_verified', 0)} verified; "
+            f"samples {', '.join(f'{k} {v}' for k, v in by_status.items()) or 'none'}; "
+            f"{t.get('duplicate_pairs', 0)} near-duplicate pairs; "
+            f"{(identity.get('exact_duplicates') or {}).get('count', 0)} exact duplicates"
+        )
     for reason, n in manifest.get("dead_letter_reasons", {}).items():
         lines.append(f"dead letter  {n:6d}  {reason}")
     for source in manifest.get("sources", []):

@@ -179,3 +179,14 @@ def test_report_shows_the_identity_view(faces_run, tmp_path):
     intruder = next(k for k, s in faces_run["samples"].items() if s["json"]["identity_status"] == "outlier")
     assert f'<div class="idm outlier" data-key="{intruder}"><img src="data:image/' in html
     assert html.index('data-identity="folder:obama"') < html.index('data-identity="folder:biden"')  # problems first
+
+
+@needs_dlib
+def test_run_summary_states_the_identity_totals(faces_run):
+    from prep.pipeline.run import format_summary
+
+    text = format_summary(faces_run["manifest"], faces_run["out"])
+    assert ("identity (folder face): 5 identities, 5 verified; samples outlier 1, verified 13; "
+            "2 near-duplicate pairs; 1 exact duplicates") in text
+    # biden2.jpg was copied into obama/: the same pixels under two identities.
+    assert faces_run["manifest"]["identity"]["exact_duplicates"]["groups"] == [["folder_biden_biden2", "folder_obama_biden2"]]
