@@ -342,7 +342,8 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
 
     # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
     specific = _identity_stages(plan, specific, letters)
-    duplicate_groups = specific | "ExactDuplicates" >> ExactDuplicates()
+    written = [(w.candidate.pixel_sha256, w.key) for w in resume.specific if w.candidate is not None]
+    duplicate_groups = specific | "ExactDuplicates" >> ExactDuplicates(written)
     if cfg.drop_duplicates:
         listed = duplicate_groups | "DuplicateLetters" >> beam.FlatMap(duplicate_letters)
         specific, dropped = specific | "DropDuplicates" >> DropListed(listed, "exact_duplicates")

@@ -190,3 +190,35 @@ def test_run_summary_states_the_identity_totals(faces_run):
             "2 near-duplicate pairs; 1 exact duplicates") in text
     # biden2.jpg was copied into obama/: the same pixels under two identities.
     assert faces_run["manifest"]["identity"]["exact_duplicates"]["groups"] == [["folder_biden_biden2", "folder_obama_biden2"]]
+
+
+@needs_dlib
+def test_face_mode_run_killed_mid_write_resumes_byte_identical(faces_run, tmp_path, tiny_cache):
+    """Resumed pairing reads each kept sample's face descriptor, hashes and face count back
+    (pair.Written), so the resumed run verifies and pairs exactly as an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+
+    people = Path(faces_run["out"]).parent / "people"
+    settings = dict(identity_model="face", refs_per_sample=4, samples_per_shard=4, mask_batch_size=2,
+                    embed_batch_size=4, caption_batch_size=4)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run(RunConfig(inputs=[f"folder:{people}"], out=str(clean), preset="tiny", model_cache=tiny_cache, **settings), [])
+    args = [sys.executable, "-m", "prep.cli", "run", "--input", f"folder:{people}", "--out", str(killed),
+            "--preset", "tiny", "--model-cache", tiny_cache, "--no-progress", "--workers", "1"]
+    for name, value in settings.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    proc = subprocess.run(args, env={**os.environ, "PREP_FAULT": "write.after_tar:3"}, capture_output=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    manifest = run(RunConfig(inputs=[f"folder:{people}"], out=str(killed), preset="tiny", model_cache=tiny_cache,
+                             **settings), [])
+    assert manifest["resumed"]["kept_shards"] >= 2
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name not in ("manifest.json", "_run.json")}
+
+    assert files(killed) == files(clean)
+    ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (killed, clean))
+    assert ours["identity"] == theirs["identity"] and ours["shards"] == theirs["shards"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -214,12 +214,22 @@ def _duplicate_groups(entry) -> list[tuple[str, ...]]:
 class ExactDuplicates(beam.PTransform):
     """Samples (after the identity stage) -> one tuple of keys per set of images with the same
     decoded pixels, sorted; the first key is the one kept by --drop-duplicates. Only
-    (digest, key) pairs are shuffled."""
+    (digest, key) pairs are shuffled.
+
+    `written`: (digest, key) of samples already in complete shards (resume, retry), so the
+    sets are those of one uninterrupted run."""
+
+    def __init__(self, written: Sequence[tuple[str, str]] = ()):
+        super().__init__()
+        self._written = [(d, k) for d, k in written if d]
 
     def expand(self, samples):
+        digests = samples | "DigestKey" >> beam.Map(_digest_key).with_output_types(tuple[str, str])
+        if self._written:
+            kept = samples.pipeline | "WrittenDigests" >> beam.Create(self._written)
+            digests = (digests, kept) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, str])
         return (
-            samples
-            | "DigestKey" >> beam.Map(_digest_key).with_output_types(tuple[str, str])
+            digests
             | "GroupByDigest" >> beam.GroupByKey()
             | "Repeated" >> beam.FlatMap(_duplicate_groups).with_output_types(tuple[str, ...])
         )
