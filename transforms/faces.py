@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -302,7 +302,3 @@ def load_descriptor(model: str, *, device: str = "auto", batch: int = 16):
     if model.endswith(".onnx") or os.sep in model:
         return OnnxDescriptor(os.path.expanduser(model), device=device, batch=batch)
     raise FaceModelMissing(f"unknown face model {model!r}: use 'dlib' or a path to an ArcFace-style .onnx file")
-
-
-def embedding_of(faces: Sequence[Face], index: Optional[int]) -> Optional[np.ndarray]:
-    return None if index is None else faces[index].embedding

@@ -48,13 +48,11 @@ THRESHOLDS = {
 }
 
 
-def thresholds_for(mode: str, face_model: str = "dlib", same: Optional[float] = None,
-                   duplicate: Optional[float] = None) -> Optional[Thresholds]:
+def thresholds_for(mode: str, face_model: str = "dlib") -> Optional[Thresholds]:
+    """The documented default thresholds of an identity model (None: no model)."""
     if mode == NONE:
         return None
-    base = THRESHOLDS[CLIP if mode == CLIP else ("dlib" if face_model == "dlib" else "onnx")]
-    return Thresholds(same=base.same if same is None else same,
-                      duplicate=base.duplicate if duplicate is None else duplicate)
+    return THRESHOLDS[CLIP if mode == CLIP else ("dlib" if face_model == "dlib" else "onnx")]
 
 
 def pixel_digest(image: np.ndarray) -> str:
@@ -235,8 +233,8 @@ class ExactDuplicates(beam.PTransform):
         )
 
 
-def duplicate_letters(group: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(key, reason) for every key of a duplicate set but the first."""
+def duplicate_letters(group: tuple[str, ...]) -> list[tuple[str, DeadLetterKind, str]]:
+    """(key, kind, reason) for every key of a duplicate set but the first."""
     first = group[0]
     reason = f"{DeadLetterKind.EXACT_DUPLICATE.value}: same decoded pixels as {first} (the first by key is kept)"
     return [(key, DeadLetterKind.EXACT_DUPLICATE, reason) for key in group[1:]]

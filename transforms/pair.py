@@ -45,20 +45,11 @@ from prep.transforms.verify import (
     Candidate,
     Thresholds,
     Verdict,
+    choose_refs,  # noqa: F401 - the reference choice, used by tests and bench.pairing from here
     verify_group,
 )
 
 STAGE = "pair"
-
-
-def choose_refs(key: str, group_keys: list[str], k: int, seed: int) -> list[str]:
-    """Up to k other keys from `group_keys` (never `key`), the same for any order of the group."""
-    others = sorted(g for g in group_keys if g != key)
-    if len(others) <= k:
-        chosen = others
-    else:
-        chosen = random.Random(f"{seed}:{key}").sample(others, k)
-    return chosen
 
 
 class _AllBut(Sequence):

@@ -40,7 +40,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prep.schemas.contract import IDENTITY_STATUSES as STATUSES  # the one list of statuses
 from prep.schemas.contract import OUTLIER, SINGLE, UNVERIFIED, VERIFIED  # noqa: F401 - re-exported
 
 RANDOM = "random"
@@ -130,11 +129,13 @@ def choose_faces(members: Sequence[Candidate]) -> list[Optional[int]]:
     return chosen
 
 
-def _random_refs(key: str, candidates: list[str], k: int, seed: int) -> list[str]:
-    ordered = sorted(candidates)
-    if len(ordered) <= k:
-        return ordered
-    return random.Random(f"{seed}:{key}").sample(ordered, k)
+def choose_refs(key: str, group_keys: list[str], k: int, seed: int) -> list[str]:
+    """Up to k other keys from `group_keys` (never `key`), the same for any order of the group:
+    the paper's seeded random choice (pair._GroupRefs picks the same without a sort per key)."""
+    others = sorted(g for g in group_keys if g != key)
+    if len(others) <= k:
+        return others
+    return random.Random(f"{seed}:{key}").sample(others, k)
 
 
 def _diverse_refs(i: int, candidates: list[int], dist: np.ndarray, keys: list[str], k: int) -> list[int]:
@@ -166,8 +167,7 @@ def verify_group(
         raise ValueError("pairing found a sample key twice in one identity group: keys must be unique")
     n = len(members)
     if all(m.embeddings is None for m in members) or thresholds is None:
-        return [Verdict(m.key, None, ref_keys=tuple(_random_refs(m.key, [x for x in keys if x != m.key], k, seed)))
-                for m in members]
+        return [Verdict(m.key, None, ref_keys=tuple(choose_refs(m.key, keys, k, seed))) for m in members]
 
     faces = choose_faces(members)
     have = [i for i in range(n) if faces[i] is not None]
@@ -190,7 +190,6 @@ def verify_group(
             if len(same) > 1:
                 close[np.ix_(same, same)] = True
     np.fill_diagonal(close, False)
-    dups: list[set[int]] = [set(np.flatnonzero(close[i]).tolist()) for i in range(n)]
 
     status: list[str] = [UNVERIFIED] * n
     distance: list[Optional[float]] = [None] * n
@@ -220,7 +219,7 @@ def verify_group(
             allowed[i] = False
             candidates = np.flatnonzero(allowed).tolist()
             if strategy == RANDOM:
-                picked = _random_refs(m.key, [keys[j] for j in candidates], k, seed)
+                picked = choose_refs(m.key, [keys[j] for j in candidates], k, seed)
                 index = {keys[j]: j for j in candidates}
                 refs = [index[r] for r in picked]
             else:
@@ -232,7 +231,7 @@ def verify_group(
             distance=None if distance[i] is None else round(distance[i], 6),
             ref_keys=tuple(keys[j] for j in refs),
             ref_distances=tuple(round(float(dist[i, j]), 6) for j in refs),
-            near_duplicates=tuple(sorted(keys[j] for j in dups[i])),
+            near_duplicates=tuple(sorted(keys[j] for j in np.flatnonzero(close[i]))),
             centre=None if centre is None else keys[centre],
         ))
     return verdicts
