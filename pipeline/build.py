@@ -495,6 +495,9 @@ def clear_output(out: str) -> None:
     """Remove everything a run writes under OUT, its bookkeeping included (contract.RUN_ENTRIES)."""
     from apache_beam.io.filesystems import FileSystems
 
+    from prep.schemas.card import is_prep_card
+
     existing = [p for p in (f"{out.rstrip('/')}/{n}" for n in contract.RUN_ENTRIES) if FileSystems.exists(p)]
+    existing = [p for p in existing if not p.endswith(f"/{contract.DATASET_CARD}") or is_prep_card(p)]
     if existing:
         FileSystems.delete(existing)

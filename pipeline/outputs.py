@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
+from prep.schemas.card import write_dataset_card
 from prep.schemas import contract
 from prep.schemas.contract import WIDS_INDEX
 from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
@@ -135,6 +136,7 @@ class _WriteManifest(beam.DoFn):
             write_atomic(f"{base}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
             index = wids_index(domain, mine)
             write_atomic(f"{base}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
+        write_dataset_card(self._out, manifest)  # before the manifest, which marks the run complete
         fault_point("manifest.before_write")
         stale = f"{self._out}/{contract.DEAD_LETTER_FILE}"
         if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):

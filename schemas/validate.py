@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from prep.schemas.contract import (
+    DATASET_CARD,
     DEAD_LETTER_DIR,
     DEAD_LETTER_SUFFIX,
     DEAD_LETTER_FIELDS,
@@ -151,6 +152,7 @@ class _ManifestInfo:
     """The usable parts of the manifest (invalid parts are reported and left out)."""
 
     counts: dict[str, int] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)  # shard entries as listed
     # domain -> shard name -> the valid fields of its entry
     shards: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -280,6 +282,7 @@ class _Validator:
     def run(self) -> ValidationReport:
         self.check_temp_files("", list(self.list_files()))
         manifest = self.check_manifest()
+        self.check_card(manifest)
         for folder in self.folders(manifest):
             self.check_domain(folder, manifest)
         self.check_refs()
@@ -343,7 +346,29 @@ class _Validator:
         elif isinstance(shards, list):
             for i, entry in enumerate(shards):
                 self.check_manifest_shard(i, entry, info)
+            info.entries = [e for e in shards if isinstance(e, dict) and e.get("domain") in DOMAINS]
         return info
+
+    def check_card(self, manifest: Optional[_ManifestInfo]) -> None:
+        """OUT/README.md, when prep wrote it (older outputs have none; a user's own is not
+        checked): its `configs` must name exactly the folders the manifest lists, per split."""
+        import yaml
+
+        from prep.schemas.card import card_configs, is_prep_card, read_card_configs
+
+        path = self.path(DATASET_CARD)
+        if manifest is None or not FileSystems.exists(path) or not is_prep_card(path):
+            return
+        try:
+            got = read_card_configs(self.read_bytes(path).decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            self.problem(f"{DATASET_CARD}: unreadable YAML header ({type(exc).__name__})")
+            return
+        if got != card_configs(manifest.entries):
+            self.problem(
+                f"{DATASET_CARD}: configs {json.dumps(got)} do not match the manifest's shard folders "
+                f"{json.dumps(card_configs(manifest.entries))}"
+            )
 
     def check_manifest_shard(self, index: int, entry: Any, info: _ManifestInfo) -> None:
         where = f"{MANIFEST}: shards[{index}]"
