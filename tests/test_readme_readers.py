@@ -132,7 +132,7 @@ def test_card_is_the_manifest_s_function_and_names_no_local_path(pipeline_run):
     for spec in manifest["config"]["inputs"]:
         assert spec.split(":", 1)[1] not in text
     assert out not in text and str(pipeline_run["config"].model_cache) not in text
-    assert f"| specific | validation | `val/specific/` |" in text
+    assert "| specific | validation | `val/specific/` |" in text
 
 
 def test_a_user_readme_is_never_overwritten_or_removed(tmp_path):
