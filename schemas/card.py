@@ -43,6 +43,30 @@ def card_configs(shards: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return configs
 
 
+# Each member's Hugging Face feature, in the YAML form `datasets` reads from a card. Declared,
+# not inferred: `datasets` infers features from a folder's first five samples, and a JSON
+# field that is null there and a string later (e.g. `near_duplicates`) then fails the load.
+# `json` is datasets' Json type, so each sample's object comes back whole, whatever it holds.
+_FEATURES = {
+    contract.EXT_IMAGE: {"dtype": "image"},
+    contract.EXT_JSON: {"dtype": "json"},
+    contract.EXT_TEXT: {"dtype": "string"},
+    contract.EXT_EMB: {"list": "float32"},
+    contract.EXT_REFS: {"list": {"list": "float32"}},
+    contract.EXT_MASK: {"dtype": "image"},
+    contract.EXT_FACE: {"list": "float32"},
+}
+
+
+def card_features(domain: str, with_face: bool) -> list[dict[str, Any]]:
+    """A domain's features: its members in tar order (an optional one only when the run can
+    write it: `face.npy` with a face identity model; absent in a sample, it reads as None),
+    then the builder's own `__key__` and `__url__`."""
+    members = set(contract.REQUIRED[domain]) | ({contract.EXT_FACE} & contract.OPTIONAL[domain] if with_face else set())
+    features = [{"name": ext, **_FEATURES[ext]} for ext in contract.MEMBER_ORDER if ext in members]
+    return features + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
+
+
 def _count_table(shards: list[dict[str, Any]]) -> list[str]:
     rows = {}
     for s in shards:
@@ -73,15 +97,19 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     """The card's text for a manifest (deterministic: no times, no local paths)."""
     shards = list(manifest.get("shards") or [])
     configs = card_configs(shards)
+    identity = manifest.get("identity") or {}
+    with_face = "face" in (identity.get("models") or {}).values()
     header = {
         "pretty_name": "prep triplets (image, object embedding, text)",
         "tags": ["webdataset", "text-to-image", "personalization", "prep"],
         "configs": configs,
+        "dataset_info": [
+            {"config_name": c["config_name"], "features": card_features(c["config_name"], with_face)} for c in configs
+        ],
     }
     counts = manifest.get("counts") or {}
     config = manifest.get("config") or {}
     kinds = [str(spec).split(":", 1)[0] for spec in config.get("inputs") or []]
-    identity = manifest.get("identity") or {}
     totals = identity.get("totals") or {}
     default = configs[0]["config_name"] if configs else contract.SPECIFIC
     lines = [

@@ -222,3 +222,30 @@ def test_face_mode_run_killed_mid_write_resumes_byte_identical(faces_run, tmp_pa
     assert files(killed) == files(clean)
     ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (killed, clean))
     assert ours["identity"] == theirs["identity"] and ours["shards"] == theirs["shards"]
+
+
+@needs_dlib
+def test_datasets_loads_a_face_mode_output_through_its_card(faces_run, tmp_path, monkeypatch):
+    """The card declares the features: inferred from the first five samples, a JSON field
+    null there and a string later (near_duplicates here) failed the whole load."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    ds = datasets.load_dataset(faces_run["out"], "specific")["train"]
+    samples = faces_run["samples"]
+    assert sorted(r["__key__"] for r in ds) == sorted(samples)
+    assert any(r["json"]["near_duplicates"] for r in ds), "the letterboxed copy has one"
+    for row in ds:
+        mine = samples[row["__key__"]]
+        assert rounded(row["json"]) == rounded(mine["json"]), row["__key__"]  # datasets' Json: ujson's last digit
+        assert np.array_equal(np.asarray(row["face.npy"], dtype=np.float32), mine["face.npy"]), row["__key__"]
+        assert row["mask.png"].mode == "L"
+
+
+def rounded(value):
+    if isinstance(value, float):
+        return round(value, 12)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
