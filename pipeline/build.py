@@ -317,9 +317,11 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     samples, letters, streamed_inputs = _ingest(p, plan, resume)
 
     decode = DecodeParams(
-        max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side
+        max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect, max_side=cfg.max_side,
+        decoded_cache_mb=cfg.decoded_cache_mb,
     )
-    decoded = samples | "Decode" >> beam.ParDo(DecodeImages(decode)).with_outputs(DEAD, main="ok")
+    keep = DecodeImages.ALL if cfg.caption_general else DecodeImages.SPECIFIC  # who decodes them again
+    decoded = samples | "Decode" >> beam.ParDo(DecodeImages(decode, keep_pixels=keep)).with_outputs(DEAD, main="ok")
     letters.append(decoded[DEAD])
     specific, general = decoded.ok | "SplitDomains" >> beam.Partition(_by_domain, 2)
 

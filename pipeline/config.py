@@ -131,6 +131,9 @@ class RunConfig:
     prepare_threads: int = option(
         4, digest=False, help="threads per model stage preparing inputs while the model runs (1: serial); "
         "output is byte-identical for any value (bench/ceiling.py measures it)")
+    decoded_cache_mb: int = option(
+        256, digest=False, help="decode each image once per worker process: MB of decoded pixels kept for the "
+        "later stages (0: each stage decodes again); output is byte-identical for any value")
     overwrite: bool = option(False, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
     workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
@@ -198,6 +201,8 @@ class RunConfig:
             problems.append("--caption-model-copies must be >= 1")
         if self.prepare_threads < 1:
             problems.append("--prepare-threads must be >= 1")
+        if self.decoded_cache_mb < 0:
+            problems.append("--decoded-cache-mb must be >= 0 (0: off)")
         if self.workers < 0:
             problems.append("--workers must be >= 0 (0: the machine's cores, capped by memory)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

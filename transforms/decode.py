@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,6 +77,7 @@ class DecodeParams:
     max_aspect: float = RunConfig.default("max_aspect")
     max_side: Optional[int] = RunConfig.default("max_side")
     jpeg_quality: int = 95
+    decoded_cache_mb: int = RunConfig.default("decoded_cache_mb")
 
 
 # --------------------------------------------------------------------------------------
@@ -197,6 +200,13 @@ def _open(raw: bytes, max_pixels: int) -> Image.Image:
 
 def decode_image(raw: bytes, params: DecodeParams = DecodeParams()) -> tuple[bytes, int, int]:
     """Return (jpeg_bytes, width, height) of the validated image, or raise ImageRejected."""
+    jpeg, width, height, _ = _decode(raw, params)
+    return jpeg, width, height
+
+
+def _decode(raw: bytes, params: DecodeParams) -> tuple[bytes, int, int, Optional[Image.Image]]:
+    """decode_image's work; also the RGB image when the output is `raw` itself (a JPEG kept as
+    it came), whose pixels are then exactly what `load_rgb(raw)` decodes."""
     if not raw:
         raise _reject(EMPTY, "0 bytes")
     img = _open(raw, params.max_pixels)
@@ -243,26 +253,113 @@ def decode_image(raw: bytes, params: DecodeParams = DecodeParams()) -> tuple[byt
             width, height = img.size
             resized = True
         if fmt == "JPEG" and source_mode == "RGB" and not (needs_transpose or resized or animated or has_key_colour):
-            return raw, width, height
+            return raw, width, height, img
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=params.jpeg_quality, subsampling=0 if params.jpeg_quality >= 90 else 2)
-        return buf.getvalue(), width, height
+        return buf.getvalue(), width, height, None
     except Exception as exc:  # noqa: BLE001 - an odd mode or EXIF block: a dead letter, never a crash
         raise _reject(UNCONVERTIBLE, f"{fmt or 'image'} in mode {img.mode}: {type(exc).__name__}: {exc}") from None
 
 
+class DecodedImages:
+    """Decode once: the RGB pixels of the JPEGs now flowing through this process, by bytes object.
+
+    A specific sample's JPEG is needed by Decode (to validate it), Caption, Mask, Embed and
+    Identity; each used to decode it again (about 30% of the host work per CelebA image, 55%
+    for web-size images: `python -m bench.ceiling`). Beam runs these stages fused in one
+    process and hands each stage the same `bytes` object, so the image is decoded once and
+    looked up by that object: an entry holds a reference to its bytes, so the object's id is
+    not reused while the entry lives, and a hit is checked with `is`, never by content. Where
+    Beam serialises an element between stages (a fusion break, another process), the bytes
+    are a new object: a miss, decoded as before. The pixels are the decoder's own either way,
+    so the output does not change (tested: byte-identical with the cache off).
+
+    Memory is bounded by `decoded_cache_mb` per process (least recently used out first; 0 turns
+    the cache off). Callers get a copy (a memcpy, well under a decode), so no stage can change
+    another's pixels, and the pool threads share nothing mutable.
+    """
+
+    def __init__(self, budget_mb: int):
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[int, tuple[bytes, Image.Image, int]] = OrderedDict()
+        self._bytes = 0
+        self.configure(budget_mb)
+        self.hits = self.misses = 0
+
+    def configure(self, budget_mb: int) -> None:
+        with self._lock:
+            self._budget = max(0, int(budget_mb)) * 1024 * 1024
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+    def get(self, jpeg: bytes) -> Optional[Image.Image]:
+        with self._lock:
+            entry = self._entries.get(id(jpeg))
+            if entry is None or entry[0] is not jpeg:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(id(jpeg))
+            self.hits += 1
+            image = entry[1]
+        return image.copy()
+
+    def put(self, jpeg: bytes, image: Image.Image) -> None:
+        size = image.width * image.height * 4 + len(jpeg)  # PIL keeps RGB as 4 bytes a pixel
+        if size > self._budget:
+            return
+        image.load()
+        with self._lock:
+            old = self._entries.pop(id(jpeg), None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._entries[id(jpeg)] = (jpeg, image, size)
+            self._bytes += size
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._entries and self._bytes > self._budget:
+            _, (_, _, size) = self._entries.popitem(last=False)
+            self._bytes -= size
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+
+DECODED = DecodedImages(RunConfig.default("decoded_cache_mb"))  # one per process
+
+
 def load_rgb(jpeg: bytes) -> Image.Image:
-    """Open an image that `decode_image` produced (upright RGB; no further fixes needed)."""
+    """Open an image that `decode_image` produced (upright RGB; no further fixes needed);
+    decoded once per process while it flows through the stages (`DecodedImages`)."""
+    cached = DECODED.get(jpeg)
+    if cached is not None:
+        return cached
     img = Image.open(io.BytesIO(jpeg))
     img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    DECODED.put(jpeg, img)
+    return img.copy()
 
 
 class DecodeImages(beam.DoFn):
-    """Sample(raw) -> Sample(image_jpeg, width, height), or a dead letter with the reason."""
+    """Sample(raw) -> Sample(image_jpeg, width, height), or a dead letter with the reason.
 
-    def __init__(self, params: DecodeParams = DecodeParams()):
+    The pixels decoded here stay in DECODED for the stages after it, for the domains they reach
+    (`keep_pixels`): general-domain images go past every model unless captioned, and would only
+    push out the specific ones."""
+
+    SPECIFIC = ("specific",)
+    ALL = ("specific", "general")
+
+    def __init__(self, params: DecodeParams = DecodeParams(), keep_pixels: tuple[str, ...] = SPECIFIC):
         self._params = params
+        self._keep = tuple(keep_pixels)
         self._ok = counter(STAGE, "ok")
         self._rejected = counter(STAGE, "dead_lettered")
 
@@ -271,13 +368,16 @@ class DecodeImages(beam.DoFn):
         # a truncated image must raise (some libraries flip this global to "pad with grey").
         Image.MAX_IMAGE_PIXELS = max(self._params.max_pixels, 1)
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+        DECODED.configure(self._params.decoded_cache_mb)
 
     def process(self, sample: Sample):
         try:
-            jpeg, width, height = decode_image(sample.raw or b"", self._params)
+            jpeg, width, height, pixels = _decode(sample.raw or b"", self._params)
         except ImageRejected as exc:
             self._rejected.inc()
             yield dead(DeadLetter.of(sample, STAGE, exc.kind, str(exc)))
             return
+        if pixels is not None and sample.domain in self._keep:
+            DECODED.put(jpeg, pixels)  # the later stages find it decoded
         self._ok.inc()
         yield sample.with_(raw=None, image_jpeg=jpeg, width=width, height=height)
