@@ -10,12 +10,16 @@ per-element preprocessing over the same images on `--threads` threads, with no B
               measured on the same pipeline over one batch and subtracted (raw: stage_raw_ips)
   pool        whether the stage prepares on its thread pool (prepare_threads=--threads) or
               serially on the model's thread (prepare_threads=1)
+  decoded     off (default): each stage decodes the JPEG itself, as before decode-once; on: the
+              pixels are already decoded (as the pipeline's Decode step leaves them in
+              transforms.decode.DECODED), so the stage's work is what is left of it in a run
 Images: CelebA size (178x218) and web size (1024x768), synthetic JPEGs (quality 95) with an
 elliptical mask. Each variant runs in a fresh process (see bench/stages.py for why). Prints
 one JSON line per (stage, size, pool): {"stage", "size", "pool", "plain_ips", "stage_ips", ...}.
 
     python -m bench.ceiling                              # ~3 min on 2 idle cores
     python -m bench.ceiling --stages embed --sizes web --threads 8
+    python -m bench.ceiling --decoded on                 # the stages as a run feeds them
 Targets (2 cores): stage_ips >= 0.9 x plain_ips; web size: pool on >= 1.6 x pool off.
 """
 
@@ -220,8 +224,16 @@ def stage_timing(handler, samples) -> dict:
 def run_child(spec: dict) -> dict:
     import torch
 
+    from prep.transforms.decode import DECODED, load_rgb
+
     torch.set_num_threads(spec["torch_threads"])
     samples = load_samples(spec["folder"])
+    if spec.get("decoded"):  # what Decode leaves for the stages after it (nothing is evicted)
+        DECODED.configure(1 << 20)
+        for sample in samples:
+            load_rgb(sample.image_jpeg)
+    else:  # the same images go through several times here: every pass decodes, as a stage alone does
+        DECODED.configure(0)
     if spec["variant"] == "plain":
         handler = zero_cost_handler(spec["stage"], 1)
         seconds, n = plain_loop(handler, samples, spec["threads"])
@@ -230,11 +242,13 @@ def run_child(spec: dict) -> dict:
     return stage_timing(handler, samples)
 
 
-def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_threads: int) -> list[dict]:
+def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_threads: int,
+            decoded: bool = False) -> list[dict]:
     """Three fresh processes (plain, pool off, pool on); two JSON records (pool off, pool on)."""
     results = {}
     for variant in ("plain", "serial", "pool"):
-        spec = {"stage": stage, "folder": folder, "variant": variant, "threads": threads, "torch_threads": torch_threads}
+        spec = {"stage": stage, "folder": folder, "variant": variant, "threads": threads, "torch_threads": torch_threads,
+                "decoded": decoded}
         out = subprocess.run([sys.executable, "-m", "bench.ceiling", "--child", json.dumps(spec)],
                              check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
@@ -246,7 +260,8 @@ def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_thre
         r = results[variant]
         net_ips = r["net_ips"]
         records.append({
-            "stage": stage, "size": size, "pool": variant == "pool", "threads": threads if variant == "pool" else 1,
+            "stage": stage, "size": size, "pool": variant == "pool", "decoded": decoded,
+            "threads": threads if variant == "pool" else 1,
             "images": n, "plain_ips": round(plain_ips, 1), "stage_ips": round(net_ips, 1),
             "stage_raw_ips": round(n / r["wall"], 1), "ratio": round(net_ips / plain_ips, 3),
             "startup_s": round(r["fixed"], 2),
@@ -262,6 +277,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--images", type=int, default=None, help="images per size (default celeba 768, web 128)")
     parser.add_argument("--threads", type=int, default=4, help="plain loop threads = the stage's prepare_threads")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in each process")
+    parser.add_argument("--decoded", choices=("off", "on"), default="off",
+                        help="on: images already decoded, as the pipeline's Decode step leaves them")
     parser.add_argument("--work", default=None, help="scratch folder for the images (default: a temp dir)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -274,7 +291,7 @@ def main(argv=None) -> list[dict]:
         n = args.images or DEFAULT_IMAGES[size]
         folder = write_images(work, size, n)
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-            for record in measure(stage, size, folder, n, args.threads, args.torch_threads):
+            for record in measure(stage, size, folder, n, args.threads, args.torch_threads, args.decoded == "on"):
                 print(json.dumps(record), flush=True)
                 records.append(record)
     return records
