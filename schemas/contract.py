@@ -72,9 +72,10 @@ _SHARD_NAME = re.compile(rf"^\d{{{SHARD_DIGITS}}}\.tar$")
 RUN_STATE = "_run.json"  # resume digest and config, written first
 RETRY_PLAN = "_retry.json"  # a retry's plan, kept until its manifest is written
 PLAN_DIR = "_plan"  # staged input items of a large run
+CHUNKS_DIR = "_chunks"  # a chunked local run's chunks (pipeline/chunks.py), removed once it is complete
 # What a run writes directly under OUT: `prep run` refuses or clears an OUT holding any of them.
 OUTPUT_ENTRIES = (MANIFEST, DEAD_LETTER_DIR, *DOMAINS, *SPLITS[1:])
-RUN_ENTRIES = (*OUTPUT_ENTRIES, RUN_STATE, RETRY_PLAN, PLAN_DIR)
+RUN_ENTRIES = (*OUTPUT_ENTRIES, RUN_STATE, RETRY_PLAN, PLAN_DIR, CHUNKS_DIR)
 
 # The manifest: top-level fields every manifest has, its counts, the fields of a shard entry.
 MANIFEST_FIELDS = ("schema_version", "counts", "shards", "config", "models")
