@@ -133,7 +133,7 @@ class RunConfig:
         "output is byte-identical for any value (bench/ceiling.py measures it)")
     overwrite: bool = option(False, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
-    chunk_inputs: int = option(5000, digest=False, help="local runs: process at most about N inputs at a time, in "
+    chunk_inputs: int = option(4000, digest=False, help="local runs: process at most about N inputs at a time, in "
                                "chunks of whole identities (memory bounded by N, not by the data; the output is "
                                "byte-identical for any N); 0: one job")
     workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
