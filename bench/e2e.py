@@ -15,7 +15,11 @@ are built once beforehand (not timed). Prints one JSON line per scale:
 multi-process runner); `peak_tree_rss_mb` is the sampled peak of all its processes together;
 `base_rss_mb` is the process's RSS after imports, before `run()`. With two or more scales it
 then prints how RSS grew against the data (`rss_ratio` vs `data_ratio`; the target is
-rss_ratio <= 1.2 for 10x data) and the slope, `kb_per_extra_image`.
+rss_ratio <= 1.3 for 100x data) and the slope, `kb_per_extra_image`.
+
+Large scales run in chunks, as every local `prep run` does (`--chunk-inputs`, default
+RunConfig's 4,000; pipeline/chunks.py): `--chunk-inputs 0` measures one job instead, whose
+memory grows with the data (~80 KB per image on the tiny preset).
 
 `--workers N` runs it as `prep run --workers N` does (N SDK worker processes, Beam's
 multi_processing mode, per-worker thread counts; pipeline/local.py); compare `--workers 2`
@@ -87,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direct-running-mode", default="in_memory", choices=["in_memory", "multi_threading", "multi_processing"])
     parser.add_argument("--direct-num-workers", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="prep run --workers N (overrides --direct-*)")
+    parser.add_argument("--chunk-inputs", type=int, default=None, help="prep run --chunk-inputs N (0: one job)")
     parser.add_argument("--model-cache", default=None, help="where the tiny models are built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the demo data and outputs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -121,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "refs_per_sample": args.refs_per_sample,
                     "overwrite": True,
                     **({"workers": args.workers} if args.workers is not None else {}),
+                    **({"chunk_inputs": args.chunk_inputs} if args.chunk_inputs is not None else {}),
                 },
                 "beam_args": beam_args,
             }
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def compare(first: dict, last: dict) -> dict:
     """How peak memory grew from the smallest to the largest scale, against the data.
 
-    `rss_ratio` is what the 1.2x target is about; `kb_per_extra_image` is the slope, which is
+    `rss_ratio` is what the target is about (<= 1.3x at 100x data, chunked); `kb_per_extra_image` is the slope, which is
     what decides the memory at a real dataset's size (the base is imports and models).
     """
     extra_images = last["images"] - first["images"]

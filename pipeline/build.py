@@ -21,7 +21,7 @@ import prep
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
 from prep.pipeline.gpu_plan import caption_copies
 from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_face, fingerprint_mask
-from prep.pipeline.outputs import WriteDeadLetters, WriteManifest
+from prep.pipeline.outputs import WriteDeadLetters, WriteDigests, WriteManifest
 from prep.pipeline.resume import Continuation
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.atomic import write_atomic
@@ -57,6 +57,7 @@ class RunPlan:
     embed: Optional[EmbedHandler] = None
     identity: dict[str, IdentityHandler] = field(default_factory=dict)  # "face" / "clip" -> its stage
     fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
+    digests_out: Optional[str] = None  # a chunk of a chunked run: where its (pixel digest, key) pairs go
 
     @property
     def launch_inputs(self) -> int:
@@ -345,7 +346,10 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
     specific = _identity_stages(plan, specific, letters)
     written = [(w.candidate.pixel_sha256, w.key) for w in resume.specific if w.candidate is not None]
-    duplicate_groups = specific | "ExactDuplicates" >> ExactDuplicates(written)
+    exact = ExactDuplicates(written)
+    duplicate_groups = specific | "ExactDuplicates" >> exact
+    if plan.digests_out:  # a chunk: exact duplicates across chunks are found when they are stitched
+        exact.digests | "WriteDigests" >> WriteDigests(plan.digests_out)
     if cfg.drop_duplicates:
         listed = duplicate_groups | "DuplicateLetters" >> beam.FlatMap(duplicate_letters)
         specific, dropped = specific | "DropDuplicates" >> DropListed(listed, "exact_duplicates")

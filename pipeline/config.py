@@ -136,6 +136,9 @@ class RunConfig:
         "later stages (0: each stage decodes again); output is byte-identical for any value")
     overwrite: bool = option(False, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
+    chunk_inputs: int = option(4000, digest=False, help="local runs: process at most about N inputs at a time, in "
+                               "chunks of whole identities (memory bounded by N, not by the data; the output is "
+                               "byte-identical for any N); 0: one job")
     workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
                           "for any N (0: the machine's cores, capped by memory; 1: one process)")
 
@@ -203,6 +206,8 @@ class RunConfig:
             problems.append("--prepare-threads must be >= 1")
         if self.decoded_cache_mb < 0:
             problems.append("--decoded-cache-mb must be >= 0 (0: off)")
+        if self.chunk_inputs < 0:
+            problems.append("--chunk-inputs must be >= 0 (0: one job)")
         if self.workers < 0:
             problems.append("--workers must be >= 0 (0: the machine's cores, capped by memory)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

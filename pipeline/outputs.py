@@ -63,6 +63,37 @@ class _WriteDeadLetters(beam.DoFn):
         yield self._path
 
 
+def digest_lines(pairs) -> bytes:
+    """(pixel digest, key) pairs as sorted "DIGEST KEY" lines (a chunk's exact-duplicate input)."""
+    return b"".join(f"{d} {k}\n".encode("utf-8") for d, k in sorted(pairs) if d)
+
+
+class _WriteDigests(beam.DoFn):
+    def __init__(self, path: str):
+        self._path = path
+
+    def process(self, element):
+        write_atomic(self._path, digest_lines(element[1]))
+        yield self._path
+
+
+class WriteDigests(beam.PTransform):
+    """(digest, key) pairs -> one file of sorted lines (written even when there are none)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, pairs):
+        return (
+            (pairs | "Keyed" >> beam.Map(lambda e: (0, e)),
+             pairs.pipeline | "Always" >> beam.Create([(0, ("", ""))]))
+            | "WithEmpty" >> beam.Flatten()
+            | "Gather" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteDigests(self._path))
+        )
+
+
 class WriteDeadLetters(beam.PTransform):
     """All dead letters -> contract.DEAD_LETTER_FILE, sorted by key (deterministic)."""
 
@@ -127,22 +158,29 @@ class _WriteManifest(beam.DoFn):
             launch_inputs=self._launch_inputs,
             streamed_inputs=streamed_inputs,
         )
-        # One folder per (split, domain), each with its sizes.json and wids index.
-        folders = {(contract.TRAIN, d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
-        for split, domain in sorted(folders):
-            mine = [s for s in shards if s.split == split]
-            base = f"{self._out}/{contract.shard_folder(split, domain)}"
-            sizes = {s.name: s.count for s in sorted(mine, key=lambda s: s.name) if s.domain == domain}
-            write_atomic(f"{base}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
-            index = wids_index(domain, mine)
-            write_atomic(f"{base}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
-        write_dataset_card(self._out, manifest)  # before the manifest, which marks the run complete
-        fault_point("manifest.before_write")
-        stale = f"{self._out}/{contract.DEAD_LETTER_FILE}"
-        if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
-            FileSystems.delete([stale])  # a retry that left no dead letters
-        write_atomic(f"{self._out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+        write_run_outputs(self._out, manifest, shards)
         yield manifest
+
+
+def write_run_outputs(out: str, manifest: dict, shards: list[ShardInfo]) -> None:
+    """sizes.json and the wids index of each (split, domain) folder, the dataset card, then manifest.json (last:
+    a folder with a manifest holds a complete run). The pipeline's manifest step and the chunk
+    stitcher (pipeline/chunks.py) both end here."""
+    out = out.rstrip("/")
+    folders = {(contract.TRAIN, d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
+    for split, domain in sorted(folders):
+        mine = [s for s in shards if s.split == split]
+        base = f"{out}/{contract.shard_folder(split, domain)}"
+        sizes = {s.name: s.count for s in sorted(mine, key=lambda s: s.name) if s.domain == domain}
+        write_atomic(f"{base}/{contract.SIZES}", json.dumps(sizes, indent=1).encode("utf-8") + b"\n")
+        index = wids_index(domain, mine)
+        write_atomic(f"{base}/{WIDS_INDEX}", json.dumps(index, indent=1).encode("utf-8") + b"\n")
+    write_dataset_card(out, manifest)  # before the manifest, which marks the run complete
+    fault_point("manifest.before_write")
+    stale = f"{out}/{contract.DEAD_LETTER_FILE}"
+    if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
+        FileSystems.delete([stale])  # a retry that left no dead letters
+    write_atomic(f"{out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
 class WriteManifest(beam.PTransform):

@@ -11,7 +11,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from prep.pipeline import gpu_plan
+from prep.pipeline import chunks, gpu_plan
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
 from prep.pipeline.local import (
@@ -110,9 +110,12 @@ def run(
         if state is None or state.get("digest") != digest:
             why = "was not written by prep" if state is None else "comes from a different config, inputs or models"
             raise OutputExists(f"{config.out} holds a partial run that {why}; pass --overwrite to replace it")
-        resume = scan_completed(out)
-        log.warning("resuming %s: %d complete shard(s) kept (%d samples), %d partial file(s) removed",
-                    out, len(resume.shards), len(resume.done_keys), len(resume.removed))
+        if chunks.read_chunk_plan(out) is not None:  # a chunked run resumes chunk by chunk
+            log.warning("resuming the chunked run in %s", out)
+        else:
+            resume = scan_completed(out)
+            log.warning("resuming %s: %d complete shard(s) kept (%d samples), %d partial file(s) removed",
+                        out, len(resume.shards), len(resume.done_keys), len(resume.removed))
     write_run_state(out, digest, config.to_json())
     stage_items(plan, out)
     for report in plan.reports:
@@ -121,20 +124,20 @@ def run(
     for warning in plan.warnings:
         log.warning("%s", warning)
     beam_args = list(beam_args or [])
-    if is_local(PipelineOptions(beam_args)):
+    local = is_local(PipelineOptions(beam_args))
+    if local:
         planned = len(plan.items) + SAMPLES_PER_TAR_GUESS * len(plan.wds_urls)
         workers = resolve_workers(config.workers, config.preset, config.device, planned)
         log.info("local run on %d worker process(es)", workers)
         beam_args = worker_args(workers, beam_args)
-    options = PipelineOptions(beam_args)
-    runner = make_runner(options)
-    p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, plan, resume)
-    with worker_environment(options):  # thread counts the SDK worker processes inherit
-        result = p.run()
+    # Large local inputs run in chunks of whole identities, memory bounded by --chunk-inputs.
+    parts = None if resume is not None else chunks.chunks_for(out, plan, local)
+    if parts is not None:
+        log.info("%d inputs in %d chunks of about %d", plan.launch_inputs, len(parts), config.chunk_inputs)
+        return chunks.run_chunks(out, plan, parts, lambda sub, again: _run_pipeline(sub, again, beam_args))
+    result = _run_pipeline(plan, resume, beam_args, wait=wait)
     if not wait:
         return None
-    result.wait_until_finish()
     manifest = read_manifest(config.out)
     if resume is not None and retry_dead_letter:
         clear_retry_plan(out)  # the manifest now covers the retry's shards and dead letters
@@ -142,6 +145,19 @@ def run(
     elif resume is not None:
         manifest = {**manifest, "resumed": {"kept_shards": len(resume.shards), "kept_samples": len(resume.done_keys)}}
     return manifest
+
+
+def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
+    """Build the plan's pipeline and run it (waiting for it unless `wait` is False)."""
+    options = PipelineOptions(list(beam_args))
+    runner = make_runner(options)
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, plan, resume)
+    with worker_environment(options):  # thread counts the SDK worker processes inherit
+        result = p.run()
+    if wait:
+        result.wait_until_finish()
+    return result
 
 
 def format_summary(manifest: dict, out: str) -> str:

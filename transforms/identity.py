@@ -226,6 +226,7 @@ class ExactDuplicates(beam.PTransform):
         if self._written:
             kept = samples.pipeline | "WrittenDigests" >> beam.Create(self._written)
             digests = (digests, kept) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, str])
+        self.digests = digests  # every (digest, key): a chunked run merges them across chunks
         return (
             digests
             | "GroupByDigest" >> beam.GroupByKey()

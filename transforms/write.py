@@ -92,17 +92,21 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
 
 
 def tar_bytes(samples: Iterable[Sample]) -> bytes:
+    return members_tar_bytes(m for sample in sorted(samples, key=lambda s: s.key) for m in sample_members(sample))
+
+
+def members_tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """(name, bytes) members, in the order given, as a tar with the contract's fixed headers."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in sorted(samples, key=lambda s: s.key):
-            for name, data in sample_members(sample):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = contract.TAR_MTIME
-                info.mode = contract.TAR_MODE
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = contract.TAR_MTIME
+            info.mode = contract.TAR_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -154,9 +158,14 @@ class ShardRow:
     @classmethod
     def of(cls, sample: Sample) -> "ShardRow":
         """The row for a complete sample, from the same values `sample_members` writes."""
-        meta = sample_json(sample)
         if sample.image_jpeg is None or sample.embedding is None:
             raise ValueError(f"sample {sample.key} is incomplete (image and embedding are required)")
+        return cls.from_members(sample_json(sample), sample.image_jpeg, sample.mask_png, sample.embedding)
+
+    @classmethod
+    def from_members(cls, meta: dict, image_jpeg: bytes, mask_png: Optional[bytes], embedding: np.ndarray) -> "ShardRow":
+        """The row from a sample's members (its KEY.json, image, mask and embedding): what
+        `of` computes, also for a sample read back from a shard (pipeline/chunks.py)."""
         return cls(
             key=meta["key"],
             domain=meta["domain"],
@@ -167,10 +176,10 @@ class ShardRow:
             caption_attributes=meta["caption_attributes"],
             width=int(meta["width"]),
             height=int(meta["height"]),
-            jpg_bytes=len(sample.image_jpeg),
+            jpg_bytes=len(image_jpeg),
             ref_keys=tuple(meta["ref_keys"]),
-            mask_fraction=mask_fraction(sample.mask_png) if sample.domain == SPECIFIC and sample.mask_png else None,
-            emb_norm=embedding_norm(sample.embedding),
+            mask_fraction=mask_fraction(mask_png) if meta["domain"] == SPECIFIC and mask_png else None,
+            emb_norm=embedding_norm(embedding),
             identity_status=meta["identity_status"],
             identity_distance=meta["identity_distance"],
             identity_centre=meta["identity_centre"],
@@ -322,26 +331,25 @@ class _WriteShard(beam.DoFn):
                 raise ValueError(f"shard {index}: refs missing for {missing[:3]} or refs without samples")
             samples = [attach_refs(s, refs[s.key]) for s in samples]
         samples = sorted(samples, key=lambda s: s.key)
-        data = tar_bytes(samples)
-        name = contract.shard_name(index)
-        sha256 = hashlib.sha256(data).hexdigest()
-        rows = [ShardRow.of(s) for s in samples]
-        stats = shard_stats(rows, shard=name, domain=self._domain, tar_size=len(data), sha256=sha256)
-        # Tar, then parquet, then stats: the stats file appears only once the shard is complete.
-        write_atomic(f"{self._dir}/{name}", data)
-        fault_point("write.after_tar")
-        write_atomic(f"{self._dir}/{parquet_name(name)}", parquet_bytes(rows))
-        write_atomic(f"{self._dir}/{stats_name(name)}", stats_bytes(stats))
+        info = write_shard_files(self._dir, self._split, self._domain, index, tar_bytes(samples),
+                                 [ShardRow.of(s) for s in samples])
         self._shards.inc()
         self._samples.inc(len(samples))
-        yield ShardInfo(
-            domain=self._domain,
-            name=name,
-            count=len(samples),
-            sha256=sha256,
-            bytes=len(data),
-            split=self._split,
-        )
+        yield info
+
+
+def write_shard_files(folder: str, split: str, domain: str, index: int, data: bytes, rows: Sequence[ShardRow]) -> ShardInfo:
+    """One shard's tar (`data`) and its sidecars, atomically: the tar, then the parquet, then the
+    stats (a shard whose stats file exists is complete). The writer and the chunk stitcher
+    (pipeline/chunks.py) both write through here."""
+    name = contract.shard_name(index)
+    sha256 = hashlib.sha256(data).hexdigest()
+    stats = shard_stats(rows, shard=name, domain=domain, tar_size=len(data), sha256=sha256)
+    write_atomic(f"{folder}/{name}", data)
+    fault_point("write.after_tar")
+    write_atomic(f"{folder}/{parquet_name(name)}", parquet_bytes(rows))
+    write_atomic(f"{folder}/{stats_name(name)}", stats_bytes(stats))
+    return ShardInfo(domain=domain, name=name, count=len(rows), sha256=sha256, bytes=len(data), split=split)
 
 
 class WriteShards(beam.PTransform):
