@@ -149,6 +149,10 @@ class RunConsole:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            from prep.transforms import common
+
+            if common._progress is not None:  # one worker: this process's last counts, not yet written
+                common._progress.flush()
             self._poll(final=True)
         if self._rich is not None:
             self._rich.stop()
@@ -231,7 +235,7 @@ class RunConsole:
         self._show_loads(files)
         rows = self._rows(counts, plan)
         if self._rich is not None:
-            self._draw_rich(rows)
+            self._draw_rich(rows, final)
         elif rows and counts != self._last_counts and (
                 final or time.monotonic() - self._last_line >= self.interval):
             self._last_line, self._last_counts = time.monotonic(), counts
@@ -293,17 +297,18 @@ class RunConsole:
             text += f" ({row['dead']} dead)"
         return text
 
-    def _draw_rich(self, rows: list[dict]) -> None:
+    def _draw_rich(self, rows: list[dict], final: bool = False) -> None:
+        if not self._tasks:  # every stage's row, hidden until it has counts: rows stay in pipeline order
+            for stage, label, _, _ in STAGES:
+                self._tasks[stage] = self._rich.add_task(label, total=None, visible=False, count="", rate="", dead="")
         for row in rows:
             fields = {
                 "count": f"{row['done']}" + (f"/{row['total']}" if row["total"] is not None else ""),
                 "rate": f"{row['rate']:.1f}/s" if row["rate"] is not None else "",
                 "dead": f"{row['dead']} dead" if row["dead"] else "",
             }
-            task = self._tasks.get(row["stage"])
-            if task is None:
-                task = self._tasks[row["stage"]] = self._rich.add_task(row["label"], total=row["total"], **fields)
-            self._rich.update(task, completed=row["done"], total=row["total"], **fields)
+            total = row["done"] if final else row["total"]  # at the end: every bar full (totals are upper bounds)
+            self._rich.update(self._tasks[row["stage"]], completed=row["done"], total=total, visible=True, **fields)
 
 
 class _RichLines:
