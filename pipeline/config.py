@@ -89,13 +89,17 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
 
-    inputs: list[str] = option(panel=PANEL_IO, help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
+    inputs: list[str] = option(panel=PANEL_IO,
+        help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
     out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
-    preset: str = option("small", panel=PANEL_MODELS, help="models: paper (BLIP-2, ViT-L-14, u2net), small, or tiny (offline)")
+    preset: str = option(
+        "small", panel=PANEL_MODELS, help="models: paper (BLIP-2, ViT-L-14, u2net) or small (BLIP, ViT-B-32, u2netp) download weights "
+        "on first use (network); tiny builds random ones locally (offline)")
     # Models (None: the preset's).
     caption_model: Optional[str] = option(None, panel=PANEL_MODELS, help="Hugging Face id or local directory")
     clip_model: Optional[str] = option(None, panel=PANEL_MODELS, help="open_clip model name or model-config JSON path")
-    clip_pretrained: Optional[str] = option(None, panel=PANEL_MODELS, help="open_clip pretrained tag or checkpoint path")
+    clip_pretrained: Optional[str] = option(
+        None, panel=PANEL_MODELS, help="open_clip pretrained tag or checkpoint path")
     mask_model: Optional[str] = option(None, panel=PANEL_MODELS, help="rembg model name or a custom ONNX file")
     # Caption.
     caption_prompt: Optional[str] = option(None, panel=PANEL_STAGES, help="prompt given to the captioner")
@@ -108,41 +112,63 @@ class RunConfig:
     max_side: Optional[int] = option(None, panel=PANEL_STAGES, help="downscale images whose longer side exceeds this")
     min_side: int = option(16, panel=PANEL_STAGES)
     max_aspect: float = option(10.0, panel=PANEL_STAGES)
-    max_pixels: int = option(64_000_000, panel=PANEL_STAGES, help="reject images with more pixels (decompression bomb guard)")
+    max_pixels: int = option(
+        64_000_000, panel=PANEL_STAGES, help="reject images with more pixels (decompression bomb guard)")
     # Mask and embed.
     mask_threshold: float = option(0.5, panel=PANEL_STAGES, help="foreground when soft mask >= threshold")
     mask_min_fraction: Optional[float] = option(None, panel=PANEL_STAGES, help="dead-letter masks with less foreground")
-    mask_fill: tuple[int, int, int] = option((255, 255, 255), panel=PANEL_STAGES, help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
+    mask_fill: tuple[int, int, int] = option(
+        (255, 255, 255), panel=PANEL_STAGES,
+        help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
     # Pairing and shards.
     refs_per_sample: int = option(4, panel=PANEL_IDENTITY, help="K: same-identity references per sample")
     seed: int = option(0, panel=PANEL_IDENTITY)
     samples_per_shard: int = option(1000, panel=PANEL_IO)
-    val_fraction: float = option(0.0, panel=PANEL_IO, help="whole identities into OUT/val (CelebA's partition file wins)")
+    val_fraction: float = option(
+        0.0, panel=PANEL_IO, help="whole identities into OUT/val (CelebA's partition file wins)")
     # Identity: is every ref the same person and another photo? (transforms/identity.py, verify.py)
-    identity_model: Optional[str] = option(None, panel=PANEL_IDENTITY, help="face (dlib or --face-model), clip (the masked-object CLIP embedding) or none; default per "
+    identity_model: Optional[str] = option(
+        None, panel=PANEL_IDENTITY,
+        help="face (dlib or --face-model), clip (the masked-object CLIP embedding) or none; default per "
         "source: face for celeba: and clip for folder: (paper, small), clip in tiny")
-    face_model: str = option("dlib", panel=PANEL_IDENTITY, help="dlib's ResNet face descriptor, or an ArcFace-style .onnx file (112x112 in)")
-    face_detect_max_side: int = option(640, panel=PANEL_IDENTITY, help="detect faces on a copy at most this many pixels on its longer side")
-    no_face: str = option("drop", panel=PANEL_IDENTITY, help="an image without a face: drop (dead letter) or keep (unverified)")
-    identity_threshold: Optional[float] = option(None, panel=PANEL_IDENTITY, help="same identity when at most this far from the identity's centre (default per model: dlib 0.6)")
-    duplicate_threshold: Optional[float] = option(None, panel=PANEL_IDENTITY, help="near-duplicates (never each other's refs) below this distance (default per model: dlib 0.2)")
-    identity_outliers: str = option("keep", panel=PANEL_IDENTITY, help="outliers: keep (no refs, nobody's ref) or drop (dead letter)")
-    drop_duplicates: bool = option(False, panel=PANEL_IDENTITY, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
-    ref_strategy: str = option("random", panel=PANEL_IDENTITY, help="random (seeded, the paper's) or diverse (farthest-first)")
+    face_model: str = option(
+        "dlib", panel=PANEL_IDENTITY, help="dlib's ResNet face descriptor, or an ArcFace-style .onnx file (112x112 in)")
+    face_detect_max_side: int = option(
+        640, panel=PANEL_IDENTITY, help="detect faces on a copy at most this many pixels on its longer side")
+    no_face: str = option(
+        "drop", panel=PANEL_IDENTITY, help="an image without a face: drop (dead letter) or keep (unverified)")
+    identity_threshold: Optional[float] = option(
+        None, panel=PANEL_IDENTITY,
+        help="same identity when at most this far from the identity's centre (default per model: dlib 0.6)")
+    duplicate_threshold: Optional[float] = option(
+        None, panel=PANEL_IDENTITY,
+        help="near-duplicates (never each other's refs) below this distance (default per model: dlib 0.2)")
+    identity_outliers: str = option(
+        "keep", panel=PANEL_IDENTITY, help="outliers: keep (no refs, nobody's ref) or drop (dead letter)")
+    drop_duplicates: bool = option(
+        False, panel=PANEL_IDENTITY, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
+    ref_strategy: str = option(
+        "random", panel=PANEL_IDENTITY, help="random (seeded, the paper's) or diverse (farthest-first)")
     # Execution. The padded stages' batch sizes and the device change what is written (a
     # model's output for one element depends on the batch it is run in): they are digested.
     device: str = option("auto", panel=PANEL_RUNNER, help="auto, cpu or cuda[:N]")
     caption_batch_size: int = option(8, panel=PANEL_RUNNER)
-    caption_model_copies: Optional[int] = option(None, panel=PANEL_RUNNER, digest=False, help="load the captioner once per worker machine, this many copies shared by all its "
+    caption_model_copies: Optional[int] = option(
+        None, panel=PANEL_RUNNER, digest=False,
+        help="load the captioner once per worker machine, this many copies shared by all its "
         "processes (Beam's large-model mode, for BLIP-2-sized models)")
     mask_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
     embed_batch_size: int = option(32, panel=PANEL_RUNNER)
     identity_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
-    prepare_threads: int = option(4, panel=PANEL_RUNNER, digest=False, help="threads per model stage preparing inputs while the model runs (1: serial); "
+    prepare_threads: int = option(
+        4, panel=PANEL_RUNNER, digest=False,
+        help="threads per model stage preparing inputs while the model runs (1: serial); "
         "output is byte-identical for any value (bench/ceiling.py measures it)")
     overwrite: bool = option(False, panel=PANEL_IO, digest=False, help="replace an existing output")
-    model_cache: Optional[str] = option(None, panel=PANEL_MODELS, digest=False, help="where the tiny preset builds its models")
-    workers: int = option(1, panel=PANEL_RUNNER, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
+    model_cache: Optional[str] = option(
+        None, panel=PANEL_MODELS, digest=False, help="where the tiny preset builds its models")
+    workers: int = option(
+        1, panel=PANEL_RUNNER, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
                           "for any N (0: the machine's cores, capped by memory; 1: one process)")
 
     @classmethod
