@@ -1,5 +1,9 @@
-"""`prep`: a thin Typer shell. Each command parses, validates, logs the resolved config and
-calls one plain function (which the tests call directly).
+"""prep turns images into training triplets (image, object embedding, caption) for
+encoder-based personalised text-to-image models, written as WebDataset shards.
+
+How it is built: a thin Typer shell. Each command parses, validates, logs the resolved config
+and calls one plain function (which the tests call directly). `prep run`'s options are
+generated from RunConfig's fields (pipeline/config.py), help panel included.
 
 Options that `prep run` does not know are Beam pipeline options and pass through unchanged:
   prep run --input celeba:DIR --out gs://b/out --runner=DataflowRunner --project=P --region=R ...
@@ -11,14 +15,14 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 import sys
 import typing
 from typing import Any, List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+ABOUT = __doc__.split("\n\n")[0]  # `prep --help`: what prep does, in one sentence
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=ABOUT)
 log = logging.getLogger("prep")
 
 
@@ -42,6 +46,12 @@ def _setup_logging(verbose: bool) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropImportNoise())
+    from prep.pipeline.console import WarnOnce, WorkerLogEntries  # imports Beam: after the filter above
+
+    once = WarnOnce()
+    for handler in logging.getLogger().handlers:
+        for f in (WorkerLogEntries(), once):  # in this order: once sees the worker's message alone
+            handler.addFilter(f)
     if not verbose:
         for noisy in ("apache_beam", "absl"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -62,20 +72,34 @@ def _config_parameters() -> tuple[list[inspect.Parameter], dict[str, Any]]:
             default = f.metadata["cli_default"]
         else:
             default = f.metadata.get("cli_text") or f.default
-        option = typer.Option(default, *f.metadata.get("flags", ()), help=f.metadata.get("help"))
+        flags = f.metadata.get("flags") or ()
+        if kind is bool and f.default is False and not flags:
+            flags = (f"--{f.name.replace('_', '-')}",)  # a plain switch: no --no-X twin widening the table
+        option = typer.Option(default, *flags, help=f.metadata.get("help"), rich_help_panel=f.metadata["panel"],
+                              metavar=f.metadata.get("metavar"))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
         annotations[f.name] = kind
     return params, annotations
 
 
+PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines (not a terminal)
+RUN_HELP = "\n\n".join(" ".join(paragraph) for paragraph in (
+    ("Caption, attribute-caption, mask, embed and pair images; write WebDataset shards.",),
+    ("Presets: paper and small download their model weights on first use (Hugging Face hub,",
+     "open_clip, rembg) and need a network then; tiny builds small random models locally and runs offline."),
+    ("Options not listed here must be Apache Beam pipeline options; they pass through to Beam unchanged,",
+     "e.g. --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp."),
+))
+
+
 def _run_cmd(
     ctx: typer.Context,
     retry_dead_letter: bool = False,
-    progress: bool = True,
+    no_progress: bool = False,
     verbose: bool = False,
     **values: Any,
 ):
-    """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards."""
+    """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards (RUN_HELP)."""
     _setup_logging(verbose)
     from prep.pipeline.config import RunConfig
     from prep.pipeline.run import OutputExists, format_summary, run
@@ -85,12 +109,14 @@ def _run_cmd(
         config.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if progress and not any(a.startswith("--runner") and "Dataflow" in a for a in ctx.args):
-        os.environ.setdefault("PREP_PROGRESS", "10")
+    from prep.pipeline.console import RunConsole
+
+    local = not any(a.startswith("--runner") for a in ctx.args)
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
     try:
-        manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter)
+        with RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress, verbose=verbose):
+            manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter)
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -103,11 +129,18 @@ def _run_cmd(
 def _register_run() -> None:
     """`prep run`: RunConfig's fields, then the options of this command alone."""
     params, annotations = _config_parameters()
+    from prep.pipeline.config import PANEL_IO, PANEL_RUNNER
+
     own = [
         ("retry_dead_letter", bool, typer.Option(
-            False, help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards")),
-        ("progress", bool, typer.Option(True, help="print per-stage counts and images/s every 10 s (local runners)")),
-        ("verbose", bool, typer.Option(False, "--verbose", "-v")),
+            False, "--retry-dead-letter", rich_help_panel=PANEL_IO,
+            help="on a complete output: redo only its dead-lettered inputs and merge them in as new shards")),
+        ("no_progress", bool, typer.Option(
+            False, "--no-progress", rich_help_panel=PANEL_RUNNER,
+            help="no per-stage counts, rates and ETA while it runs (shown for local runners)")),
+        ("verbose", bool, typer.Option(
+            False, "--verbose", "-v", rich_help_panel=PANEL_RUNNER,
+            help="INFO logs, worker processes' logs included")),
     ]
     for name, kind, option in own:
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
@@ -115,7 +148,7 @@ def _register_run() -> None:
     ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     _run_cmd.__signature__ = inspect.Signature([ctx, *params])
     _run_cmd.__annotations__ = {"ctx": typer.Context, **annotations}
-    app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_run_cmd)
+    app.command("run", help=RUN_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_run_cmd)
 
 
 _register_run()

@@ -271,10 +271,12 @@ class _FinishGeneral(beam.DoFn):
 
     def __init__(self, dim: int):
         self._dim = dim
+        self._no_caption = counter("caption", "dead_lettered")  # the caption stage's letters, counted once
 
     def process(self, sample: Sample):
         caption = (sample.caption_vlm if sample.caption_vlm is not None else sample.text or "").strip()
         if not caption:
+            self._no_caption.inc()
             yield dead(DeadLetter.of(sample, "caption", DeadLetterKind.NO_CAPTION, "no caption: general-domain sample has no text (use --caption-general)"))
             return
         yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)

@@ -46,17 +46,32 @@ PRESET_IDENTITY_THRESHOLDS = {"tiny": {"clip": (2.0, 0.0)}}
 IDENTITY_MODELS = ("face", "clip", "none")
 
 
-def option(default=MISSING, *, help: Optional[str] = None, digest: bool = True, flags: tuple[str, ...] = (),
-           cli_type: Any = None, cli_text: Optional[str] = None, cli_default: Any = MISSING):
+# `prep run --help` groups the options into these panels, in this order (each field names its
+# panel: `option(..., panel=...)`; the command's own options join the last one).
+PANEL_IO = "Inputs and outputs"
+PANEL_MODELS = "Models"
+PANEL_STAGES = "Stages: decode, caption, mask, embed"
+PANEL_IDENTITY = "Pairing and identity"
+PANEL_RUNNER = "Runner, workers and batches"
+PANELS = (PANEL_IO, PANEL_MODELS, PANEL_STAGES, PANEL_IDENTITY, PANEL_RUNNER)
+
+
+def option(default=MISSING, *, panel: str, help: Optional[str] = None, digest: bool = True,
+           flags: tuple[str, ...] = (), cli_type: Any = None, cli_text: Optional[str] = None,
+           cli_default: Any = MISSING, metavar: Optional[str] = None):
     """A RunConfig field with everything said about it in one place: its default, the CLI's
-    help text and flags (`prep run` is generated from these fields), and whether it enters the
-    resume digest (`digest=False`: it does not change what is written).
+    help text, flags, help panel (one of PANELS) and metavar (`prep run` is generated from these
+    fields), and whether it enters the resume digest (`digest=False`: it does not change what
+    is written).
 
     cli_type/cli_text: how the CLI takes a value of another type (e.g. "R,G,B" for a tuple);
     `RunConfig.from_cli` parses it back. cli_default: the CLI's default where it differs from the
     library's (e.g. `workers`: 0, auto, on the command line; 1 for `run()` and the tests).
     """
-    metadata = {"help": help, "digest": digest, "flags": flags, "cli_type": cli_type, "cli_text": cli_text}
+    if panel not in PANELS:
+        raise ValueError(f"unknown help panel {panel!r}; one of {PANELS}")
+    metadata = {"help": help, "digest": digest, "flags": flags, "cli_type": cli_type, "cli_text": cli_text,
+                "panel": panel, "metavar": metavar}
     if cli_default is not MISSING:
         metadata["cli_default"] = cli_default
     return field(default=default, metadata=metadata)
@@ -74,72 +89,93 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
 
-    inputs: list[str] = option(help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
-    out: str = option(help="output directory (local path or gs://...)", flags=("--out", "-o"))
-    preset: str = option("small", help="models: paper (BLIP-2, ViT-L-14, u2net), small, or tiny (offline)")
+    inputs: list[str] = option(panel=PANEL_IO,
+        help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
+    out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
+    preset: str = option(
+        "small", panel=PANEL_MODELS, help="models: paper (BLIP-2, ViT-L-14, u2net) or small (BLIP, ViT-B-32, u2netp) download weights "
+        "on first use (network); tiny builds random ones locally (offline)")
     # Models (None: the preset's).
-    caption_model: Optional[str] = option(None, help="Hugging Face id or local directory")
-    clip_model: Optional[str] = option(None, help="open_clip model name or model-config JSON path")
-    clip_pretrained: Optional[str] = option(None, help="open_clip pretrained tag or checkpoint path")
-    mask_model: Optional[str] = option(None, help="rembg model name or a custom ONNX file")
+    caption_model: Optional[str] = option(None, panel=PANEL_MODELS, help="Hugging Face id or local directory")
+    clip_model: Optional[str] = option(None, panel=PANEL_MODELS, help="open_clip model name or model-config JSON path")
+    clip_pretrained: Optional[str] = option(
+        None, panel=PANEL_MODELS, help="open_clip pretrained tag or checkpoint path")
+    mask_model: Optional[str] = option(None, panel=PANEL_MODELS, help="rembg model name or a custom ONNX file")
     # Caption.
-    caption_prompt: Optional[str] = option(None, help="prompt given to the captioner")
-    caption_max_new_tokens: int = option(30)
-    caption_num_beams: int = option(1)
-    caption_general: bool = option(False, help="also caption general-domain images with the VLM")
-    caption_join: str = option(". ", help="separator between the VLM and attribute captions")
-    trust_remote_code: bool = option(False, help="allow Hugging Face models with custom code")
+    caption_prompt: Optional[str] = option(None, panel=PANEL_STAGES, help="prompt given to the captioner")
+    caption_max_new_tokens: int = option(30, panel=PANEL_STAGES)
+    caption_num_beams: int = option(1, panel=PANEL_STAGES)
+    caption_general: bool = option(False, panel=PANEL_STAGES, help="also caption general-domain images with the VLM")
+    caption_join: str = option(". ", panel=PANEL_STAGES, help="separator between the VLM and attribute captions")
+    trust_remote_code: bool = option(False, panel=PANEL_MODELS, help="allow Hugging Face models with custom code")
     # Decode.
-    max_side: Optional[int] = option(None, help="downscale images whose longer side exceeds this")
-    min_side: int = option(16)
-    max_aspect: float = option(10.0)
-    max_pixels: int = option(64_000_000, help="reject images with more pixels (decompression bomb guard)")
+    max_side: Optional[int] = option(None, panel=PANEL_STAGES, help="downscale images whose longer side exceeds this")
+    min_side: int = option(16, panel=PANEL_STAGES)
+    max_aspect: float = option(10.0, panel=PANEL_STAGES)
+    max_pixels: int = option(
+        64_000_000, panel=PANEL_STAGES, help="reject images with more pixels (decompression bomb guard)")
     # Mask and embed.
-    mask_threshold: float = option(0.5, help="foreground when soft mask >= threshold")
-    mask_min_fraction: Optional[float] = option(None, help="dead-letter masks with less foreground")
+    mask_threshold: float = option(0.5, panel=PANEL_STAGES, help="foreground when soft mask >= threshold")
+    mask_min_fraction: Optional[float] = option(None, panel=PANEL_STAGES, help="dead-letter masks with less foreground")
     mask_fill: tuple[int, int, int] = option(
-        (255, 255, 255), help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
+        (255, 255, 255), panel=PANEL_STAGES,
+        help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
     # Pairing and shards.
-    refs_per_sample: int = option(4, help="K: same-identity references per sample")
-    seed: int = option(0)
-    samples_per_shard: int = option(1000)
-    val_fraction: float = option(0.0, help="whole identities into OUT/val (CelebA's partition file wins)")
+    refs_per_sample: int = option(4, panel=PANEL_IDENTITY, help="K: same-identity references per sample")
+    seed: int = option(0, panel=PANEL_IDENTITY)
+    samples_per_shard: int = option(1000, panel=PANEL_IO)
+    val_fraction: float = option(
+        0.0, panel=PANEL_IO, help="whole identities into OUT/val (CelebA's partition file wins)")
     # Identity: is every ref the same person and another photo? (transforms/identity.py, verify.py)
     identity_model: Optional[str] = option(
-        None, help="face (dlib or --face-model), clip (the masked-object CLIP embedding) or none; default per "
+        None, panel=PANEL_IDENTITY,
+        help="face (dlib or --face-model), clip (the masked-object CLIP embedding) or none; default per "
         "source: face for celeba: and clip for folder: (paper, small), clip in tiny")
-    face_model: str = option("dlib", help="dlib's ResNet face descriptor, or an ArcFace-style .onnx file (112x112 in)")
-    face_detect_max_side: int = option(640, help="detect faces on a copy at most this many pixels on its longer side")
-    no_face: str = option("drop", help="an image without a face: drop (dead letter) or keep (unverified)")
+    face_model: str = option(
+        "dlib", panel=PANEL_IDENTITY, help="dlib's ResNet face descriptor, or an ArcFace-style .onnx file (112x112 in)")
+    face_detect_max_side: int = option(
+        640, panel=PANEL_IDENTITY, help="detect faces on a copy at most this many pixels on its longer side")
+    no_face: str = option(
+        "drop", panel=PANEL_IDENTITY, help="an image without a face: drop (dead letter) or keep (unverified)")
     identity_threshold: Optional[float] = option(
-        None, help="same identity when at most this far from the identity's centre (default per model: dlib 0.6)")
+        None, panel=PANEL_IDENTITY,
+        help="same identity when at most this far from the identity's centre (default per model: dlib 0.6)")
     duplicate_threshold: Optional[float] = option(
-        None, help="near-duplicates (never each other's refs) below this distance (default per model: dlib 0.2)")
-    identity_outliers: str = option("keep", help="outliers: keep (no refs, nobody's ref) or drop (dead letter)")
-    drop_duplicates: bool = option(False, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
-    ref_strategy: str = option("random", help="random (seeded, the paper's) or diverse (farthest-first)")
+        None, panel=PANEL_IDENTITY,
+        help="near-duplicates (never each other's refs) below this distance (default per model: dlib 0.2)")
+    identity_outliers: str = option(
+        "keep", panel=PANEL_IDENTITY, help="outliers: keep (no refs, nobody's ref) or drop (dead letter)")
+    drop_duplicates: bool = option(
+        False, panel=PANEL_IDENTITY, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
+    ref_strategy: str = option(
+        "random", panel=PANEL_IDENTITY, help="random (seeded, the paper's) or diverse (farthest-first)")
     # Execution. The padded stages' batch sizes and the device change what is written (a
     # model's output for one element depends on the batch it is run in): they are digested.
-    device: str = option("auto", help="auto, cpu or cuda[:N]")
-    caption_batch_size: int = option(8)
+    device: str = option("auto", panel=PANEL_RUNNER, help="auto, cpu or cuda[:N]")
+    caption_batch_size: int = option(8, panel=PANEL_RUNNER)
     caption_model_copies: Optional[int] = option(
-        None, digest=False, help="load the captioner once per worker machine, this many copies shared by all its "
+        None, panel=PANEL_RUNNER, digest=False,
+        help="load the captioner once per worker machine, this many copies shared by all its "
         "processes (Beam's large-model mode, for BLIP-2-sized models)")
-    mask_batch_size: int = option(8, digest=False)
-    embed_batch_size: int = option(32)
-    identity_batch_size: int = option(8, digest=False)
+    mask_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
+    embed_batch_size: int = option(32, panel=PANEL_RUNNER)
+    identity_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
     prepare_threads: int = option(
-        4, digest=False, help="threads per model stage preparing inputs while the model runs (1: serial); "
+        4, panel=PANEL_RUNNER, digest=False,
+        help="threads per model stage preparing inputs while the model runs (1: serial); "
         "output is byte-identical for any value (bench/ceiling.py measures it)")
     decoded_cache_mb: int = option(
-        256, digest=False, help="decode each image once per worker process: MB of decoded pixels kept for the "
-        "later stages (0: each stage decodes again); output is byte-identical for any value")
-    overwrite: bool = option(False, digest=False, help="replace an existing output")
-    model_cache: Optional[str] = option(None, digest=False, help="where the tiny preset builds its models")
-    chunk_inputs: int = option(4000, digest=False, help="local runs: process at most about N inputs at a time, in "
-                               "chunks of whole identities (memory bounded by N, not by the data; the output is "
-                               "byte-identical for any N); 0: one job")
-    workers: int = option(1, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
+        256, panel=PANEL_RUNNER, digest=False, help="decode each image once per worker process: MB of decoded "
+        "pixels kept for the later stages (0: each stage decodes again); output is byte-identical for any value")
+    overwrite: bool = option(False, panel=PANEL_IO, digest=False, help="replace an existing output")
+    model_cache: Optional[str] = option(
+        None, panel=PANEL_MODELS, digest=False, help="where the tiny preset builds its models")
+    chunk_inputs: int = option(
+        4000, panel=PANEL_RUNNER, digest=False, help="local runs: process at most about N inputs at a time, in "
+        "chunks of whole identities (memory bounded by N, not by the data; the output is byte-identical for any "
+        "N); 0: one job")
+    workers: int = option(
+        1, panel=PANEL_RUNNER, digest=False, cli_default=0, help="local runs: worker processes, byte-identical output "
                           "for any N (0: the machine's cores, capped by memory; 1: one process)")
 
     @classmethod

@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from prep.pipeline import chunks, gpu_plan
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
+from prep.pipeline.console import format_stage_table, make_local_runner, planned_totals, stage_counters
 from prep.pipeline.local import (
     check_options,
     is_local,
@@ -32,6 +33,7 @@ from prep.pipeline.resume import (
     write_run_state,
 )
 from prep.schemas import contract
+from prep.transforms.common import progress_note, progress_plan
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,7 @@ def make_runner(options: PipelineOptions):
     check_options(options)
     if options.view_as(StandardOptions).runner:
         return None
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-    return FnApiRunner(provision_info=worker_provision_info(options))
+    return make_local_runner(provision_info=worker_provision_info(options))  # pipeline/console.py: workers' output
 
 
 def read_manifest(out: str) -> dict:
@@ -89,10 +89,12 @@ def run(
             "or --retry-dead-letter to redo only its dead-lettered inputs"
         )
     plan = plan_run(config)
+    progress_note(f"planned {len(plan.items)} image(s) and {len(plan.wds_urls)} tar(s) from {len(config.inputs)} input(s)")
     memory = gpu_plan.plan_for_run(config, plan.models, beam_args or [])
     if memory is not None:  # the models run on a GPU: print the plan, refuse one that cannot fit
         print(gpu_plan.format_plan(memory), file=sys.stderr, flush=True)
         gpu_plan.check_plan(memory, dataflow=gpu_plan.is_dataflow(beam_args or []))
+    progress_note("hashing model weights (cached after the first run)")
     digest = run_digest(config, plan.items, plan.wds_urls, plan.hash_model_weights())
     resume = None
     if retry_dead_letter:
@@ -130,15 +132,25 @@ def run(
         workers = resolve_workers(config.workers, config.preset, config.device, planned)
         log.info("local run on %d worker process(es)", workers)
         beam_args = worker_args(workers, beam_args)
+    progress_plan(planned_totals(plan, resume))
+    progress_note("starting the pipeline")
     # Large local inputs run in chunks of whole identities, memory bounded by --chunk-inputs.
     parts = None if resume is not None else chunks.chunks_for(out, plan, local)
     if parts is not None:
         log.info("%d inputs in %d chunks of about %d", plan.launch_inputs, len(parts), config.chunk_inputs)
-        return chunks.run_chunks(out, plan, parts, lambda sub, again: _run_pipeline(sub, again, beam_args))
+        counters: dict[str, int] = {}
+
+        def one_chunk(sub, again):
+            for name, n in stage_counters(_run_pipeline(sub, again, beam_args)).items():
+                counters[name] = counters.get(name, 0) + n
+
+        manifest = chunks.run_chunks(out, plan, parts, one_chunk)
+        return {**manifest, "stage_counters": dict(sorted(counters.items()))}
     result = _run_pipeline(plan, resume, beam_args, wait=wait)
     if not wait:
         return None
-    manifest = read_manifest(config.out)
+    # Not in manifest.json: this run's Beam counters, for the summary's per-stage table.
+    manifest = {**read_manifest(config.out), "stage_counters": stage_counters(result)}
     if resume is not None and retry_dead_letter:
         clear_retry_plan(out)  # the manifest now covers the retry's shards and dead letters
         manifest = {**manifest, "retried": len(resume.only_keys)}
@@ -161,11 +173,15 @@ def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
 
 
 def format_summary(manifest: dict, out: str) -> str:
+    """The end of `prep run`: the per-stage table (pipeline/console.py: stage_rows; its numbers
+    are the manifest's), where the shards went, identity totals, dead letters by reason, sources.
+    A source's warnings were logged when the run started: here they are counted, not repeated."""
     counts = manifest["counts"]
-    lines = [
+    lines = format_stage_table(manifest)
+    lines.append(
         f"inputs {counts['inputs']}: specific {counts['specific']}, general {counts['general']}, "
         f"dead-lettered {counts['dead_lettered']} ({'reconciled' if manifest.get('reconciled') else 'NOT RECONCILED'})",
-    ]
+    )
     shards = manifest.get("shards", [])
     folders = sorted({(s.get("split", contract.TRAIN), s["domain"]) for s in shards},
                      key=lambda f: (f[0] != contract.TRAIN, f))
@@ -191,9 +207,9 @@ def format_summary(manifest: dict, out: str) -> str:
         if source.get("missing_on_disk"):
             examples = ", ".join(source.get("missing_examples", [])[:3])
             line += f"; {source['missing_on_disk']} annotated images not on disk (e.g. {examples})"
+        if source.get("warnings"):
+            line += f"; {len(source['warnings'])} warning(s), shown when the run started (manifest: sources)"
         lines.append(line)
-        for warning in source.get("warnings", []):
-            lines.append(f"  warning: {warning}")
     if counts["dead_lettered"]:
         lines.append(f"dead letters: {out.rstrip('/')}/{contract.DEAD_LETTER_DIR}/")
     lines.append(f"manifest: {out.rstrip('/')}/{contract.MANIFEST}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import json
 import os
-import sys
 import threading
 import time
 
@@ -15,7 +16,7 @@ from apache_beam.metrics import Metrics
 # the main output carries the records that go on.
 DEAD = "dead_letter"
 METRICS_NAMESPACE = "prep"
-PROGRESS_ENV = "PREP_PROGRESS"  # seconds between console progress lines (local runs only)
+PROGRESS_ENV = "PREP_PROGRESS"  # a folder: each process leaves its counts there (local runs; _ProgressFile)
 FAULT_ENV = "PREP_FAULT"  # tests only: "POINT:N" kills the process the Nth time POINT is reached
 
 
@@ -49,46 +50,101 @@ def fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _ConsoleProgress:
-    """Per-process console progress for local runs: counts and rates per stage counter.
+class _ProgressFile:
+    """This process's counters, model loads and notes, for the launcher's console
+    (pipeline/console.py reads and shows them).
 
-    The Beam counters are the source of truth (Dataflow shows them in its UI); the local
-    runners only report metrics when the pipeline ends, so when PREP_PROGRESS is set the
-    counters also tick this reporter, which prints one line every PREP_PROGRESS seconds.
+    The Beam counters are the source of truth (Dataflow shows them in its UI; the final table
+    reads them from the pipeline result), but the local runners report them only when the
+    pipeline ends, and with `--workers N` they tick in N SDK worker processes, not in the
+    launcher. So when PREP_PROGRESS names a folder (the launcher's temp dir, never OUT: the
+    output bytes do not change), every process that runs prep's DoFns - the launcher itself for
+    one worker, each SDK worker process for N - also keeps its own totals here and replaces
+    `<folder>/<pid>.json` with them, at most every WRITE_INTERVAL s (written to a temp name,
+    then renamed: a reader never sees half a file); a model load or a note is written at once.
+    The launcher polls the folder and sums the files. The workers find the folder in the
+    environment they copy from the launcher when they start (pipeline/local.py).
     """
 
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.start = self.last = time.monotonic()
+    WRITE_INTERVAL = 0.5
+
+    def __init__(self, folder: str):
+        self.pid = os.getpid()
+        self.path = os.path.join(folder, f"{self.pid}.json")
         self.counts: dict[str, int] = {}
+        self.loads: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self.plan: dict = {}
         self.lock = threading.Lock()
+        self.last = 0.0
 
     def tick(self, name: str, n: int) -> None:
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + n
-            now = time.monotonic()
-            if now - self.last < self.interval:
-                return
-            self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            parts = [f"{k} {v} ({v / elapsed:.1f}/s)" for k, v in sorted(self.counts.items()) if k.endswith(".ok")]
-            parts += [f"{k} {v}" for k, v in sorted(self.counts.items()) if not k.endswith(".ok")]
-        print(f"[prep {elapsed:7.1f}s] " + " | ".join(parts), file=sys.stderr, flush=True)
+            if time.monotonic() - self.last >= self.WRITE_INTERVAL:
+                self._write()
+
+    def event(self, *, load: tuple[str, dict] | None = None, note: str | None = None, plan: dict | None = None) -> None:
+        with self.lock:
+            if load is not None:
+                self.loads[load[0]] = load[1]
+            if note is not None:
+                self.notes.append(note)
+            if plan is not None:
+                self.plan = plan
+            self._write()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._write()
+
+    def _write(self) -> None:
+        self.last = time.monotonic()
+        data = {"pid": self.pid, "counts": self.counts, "loads": self.loads, "notes": self.notes, "plan": self.plan}
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except OSError:  # the launcher removed its folder (the run is over): nothing to show
+            pass
 
 
 _progress_lock = threading.Lock()
-_progress: _ConsoleProgress | None = None
+_progress: _ProgressFile | None = None
 
 
-def _console() -> _ConsoleProgress | None:
+def _console() -> _ProgressFile | None:
     global _progress
-    interval = os.environ.get(PROGRESS_ENV)
-    if not interval:
+    folder = os.environ.get(PROGRESS_ENV)
+    if not folder:
         return None
     with _progress_lock:
-        if _progress is None:
-            _progress = _ConsoleProgress(float(interval))
+        if _progress is None or _progress.pid != os.getpid() or not _progress.path.startswith(folder):
+            _progress = _ProgressFile(folder)
+            atexit.register(_progress.flush)
         return _progress
+
+
+def progress_load(stage: str, model: str, seconds: float | None = None) -> None:
+    """A stage's model load began (seconds None) or took `seconds`: a line on the console."""
+    console = _console()
+    if console is not None:
+        console.event(load=(stage, {"model": model, "seconds": seconds}))
+
+
+def progress_note(text: str) -> None:
+    """A line for the console of a local run (what the launcher is doing before the pipeline runs)."""
+    console = _console()
+    if console is not None:
+        console.event(note=text)
+
+
+def progress_plan(plan: dict) -> None:
+    """The planned counts per stage (pipeline/console.py: planned_totals), for rates' ETAs."""
+    console = _console()
+    if console is not None:
+        console.event(plan=plan)
 
 
 class _Counter:

@@ -138,6 +138,9 @@ class IdentityHandler(StageHandler):
                        detect_max_side=self.detect_max_side, no_face=self.no_face)
         return out
 
+    def model_label(self) -> Optional[str]:
+        return f"{self.face_model} faces" if self.mode == FACE else None  # clip: the embed stage's embedding
+
     def load_model(self) -> LoadedFaces:
         if self.mode != FACE:
             return LoadedFaces()

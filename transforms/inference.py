@@ -34,8 +34,10 @@ path; an element whose prepare raises still dead-letters alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Iterable, Optional, Sequence, TypeVar
@@ -44,7 +46,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
-from prep.transforms.common import DEAD, counter, dead
+from prep.transforms.common import DEAD, counter, dead, progress_load
 
 ModelT = TypeVar("ModelT")
 log = logging.getLogger(__name__)
@@ -108,6 +110,19 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
         self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": per_call}
         self.max_batch_size = max_batch_size
         self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __init_subclass__(cls, **kwargs):
+        """Each stage's own `load_model` is timed for the console: "caption: loading MODEL" when it
+        starts, "... loaded in 3.2 s" when it returns (transforms/common.py: progress_load; only
+        where a local run's console listens). A stage says what it loads in `model_label`."""
+        super().__init_subclass__(**kwargs)
+        load = cls.__dict__.get("load_model")
+        if load is not None and not getattr(load, "_timed", False):
+            cls.load_model = _timed_load(load)
+
+    def model_label(self) -> Optional[str]:
+        """What load_model loads, for the console line (None: no line)."""
+        return self.describe().get("model")
 
     def __getstate__(self):  # a thread pool does not pickle; each worker process makes its own
         state = dict(self.__dict__)
@@ -216,6 +231,22 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                     results[i] = self._infer_fixed([prepared], model)[0]
                 except Exception as exc:  # noqa: BLE001
                     results[i] = Reject(DeadLetterKind.INFERENCE_FAILED, f"inference failed: {_describe(exc)}")
+
+
+def _timed_load(load):
+    @functools.wraps(load)
+    def timed(self):
+        label = self.model_label()
+        if label is None:
+            return load(self)
+        progress_load(self.stage, label)
+        start = time.monotonic()
+        model = load(self)
+        progress_load(self.stage, label, time.monotonic() - start)
+        return model
+
+    timed._timed = True
+    return timed
 
 
 class _ApplyResults(beam.DoFn):
