@@ -192,8 +192,10 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
 
 
 def _model_line(report: Preflight, m: ModelLocation) -> str:
+    if m.local and m.path and m.path in (m.model, os.path.abspath(os.path.expanduser(m.model))):
+        return f"  {m.stage:9s} {m.model} (local)"
     if m.local:
-        return f"  {m.stage:9s} {m.model}: {m.path or m.note}"
+        return f"  {m.stage:9s} {m.model} -> {m.path or m.note}"
     if report.will_download(m):
         return f"  {m.stage:9s} {m.model}: will download from {m.download} at run time"
     return f"  {m.stage:9s} {m.model}: MISSING"
