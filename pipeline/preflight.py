@@ -8,6 +8,8 @@ connection to the host it would come from opens within 2 s. It is then reported 
 download from <url> at run time"; otherwise it is an error. All problems (each missing model,
 where it was looked for and the ways out; each missing input) are raised together as one
 `PreflightFailed`, which the CLI prints in a few lines, exit status 2, with no traceback.
+On a non-local runner (Dataflow) the workers load the models, often from weights baked into
+their image (Dockerfile, models/bake.py): there a model missing on this machine is a warning.
 
 The preflight is fast on purpose (it imports neither torch nor rembg nor open_clip): offline,
 a failed `--preset small` is known in seconds instead of after workers have started, each
@@ -73,6 +75,7 @@ class Preflight:
     inputs: list[InputCheck] = field(default_factory=list)
     reachable: dict[str, bool] = field(default_factory=dict)  # host -> probe result
     offline: bool = False  # HF_HUB_OFFLINE: no probe, nothing may download
+    remote: bool = False  # a non-local runner (Dataflow): the workers load the models, not this machine
     memory: object = None  # gpu_plan.GpuPlan when the models run on a GPU
     seconds: float = 0.0
 
@@ -80,9 +83,14 @@ class Preflight:
         return not m.local and m.problem is None and m.download is not None and self.reachable.get(m.host, False)
 
     def missing(self) -> list[ModelLocation]:
+        if self.remote:
+            return []
         return [m for m in self.models if not m.local and not self.will_download(m)]
 
     def warnings(self) -> list[str]:
+        if self.remote:
+            return [f"{m.stage} model {m.model}: not on this machine ({m.problem or 'not in the local cache'}); "
+                    "the workers must have it (baked into their image) or download it" for m in self.models if not m.local]
         return [f"{m.stage} model {m.model}: not in the local cache; will download from {m.download} at run time"
                 for m in self.models if self.will_download(m)]
 
@@ -109,7 +117,8 @@ class Preflight:
             lines.append("ways out:")
             fixes = [fix for m in missing for fix in m.fixes]
             if any(m.download for m in missing):
-                fixes.append("run where the hubs are reachable (unset HF_HUB_OFFLINE): downloads go to the caches above")
+                fixes.append("run where the hubs are reachable (unset HF_HUB_OFFLINE): downloads go to the caches above; "
+                             "or fill the caches elsewhere with `python -m prep.models.bake PRESET` and copy them")
             fixes.append(OFFLINE_WAY_OUT)
             lines += [f"  - {fix}" for fix in dict.fromkeys(fixes)]
         return "\n".join(lines)
@@ -170,11 +179,15 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
     start = time.monotonic()
     config.validate()
     check_beam_args(beam_args)
-    report = Preflight(offline=hf_offline())
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from prep.pipeline.local import is_local
+
+    report = Preflight(offline=hf_offline(), remote=not is_local(PipelineOptions(list(beam_args))))
     report.inputs = [check_input(spec) for spec in config.inputs]
     report.models = needed_models(config)
     hosts = sorted({m.host for m in report.models if not m.local and m.problem is None and m.host})
-    if hosts and not report.offline:  # probed at once: one timeout, not one per host
+    if hosts and not report.offline and not report.remote:  # probed at once: one timeout, not one per host
         with ThreadPoolExecutor(len(hosts)) as pool:
             report.reachable = dict(zip(hosts, pool.map(lambda h: network_reachable(h), hosts)))
     # The GPU memory plan; with --device auto it imports torch (~3 s) to see a GPU: a run

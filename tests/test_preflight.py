@@ -224,3 +224,10 @@ def test_open_clip_pretrained_table_read_without_import_matches_open_clip():
             cfg = get_pretrained_cfg(model, tag)
             assert (source.get("url", ""), source.get("hf_hub", "")) == (cfg.get("url", ""), cfg.get("hf_hub", "")), (model, tag)
     assert open_clip.get_model_config("ViT-B-32") is not None and locate._known_clip_model("ViT-B-32")
+
+
+def test_on_dataflow_models_missing_here_are_warnings_the_workers_resolve(empty_caches, one_folder, tmp_path):
+    report = pf.preflight(RunConfig(inputs=[one_folder], out=str(tmp_path / "out"), preset="small"),
+                          ["--runner=DataflowRunner", "--project=p", "--region=r"])
+    assert report.problems() == [] and empty_caches == []  # nothing probed: the workers load them
+    assert len(report.warnings()) == 3 and all("the workers must have it" in w for w in report.warnings())
