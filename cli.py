@@ -5,7 +5,8 @@ How it is built: a thin Typer shell. Each command parses, validates, logs the re
 and calls one plain function (which the tests call directly). `prep run`'s options are
 generated from RunConfig's fields (pipeline/config.py), help panel included.
 
-Options that `prep run` does not know are Beam pipeline options and pass through unchanged:
+Options that `prep run` does not know must be Beam pipeline options (anything else is an
+error naming the closest option); they pass through unchanged:
   prep run --input celeba:DIR --out gs://b/out --runner=DataflowRunner --project=P --region=R ...
 """
 
@@ -97,26 +98,45 @@ def _run_cmd(
     retry_dead_letter: bool = False,
     no_progress: bool = False,
     verbose: bool = False,
+    dry_run: bool = False,
     **values: Any,
 ):
     """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards (RUN_HELP)."""
     _setup_logging(verbose)
+    from prep.pipeline import preflight
+    from prep.pipeline.beam_options import unknown_options
     from prep.pipeline.config import RunConfig
-    from prep.pipeline.run import OutputExists, format_summary, run
 
+    try:  # strict options: what is not prep's must be a Beam option (pipeline/beam_options.py)
+        unknown = unknown_options(ctx.args, [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)])
+    except ValueError as exc:
+        unknown = [str(exc)]
+    if unknown:
+        typer.echo("\n".join(f"error: {line}" for line in unknown), err=True)
+        raise typer.Exit(2)
     try:
         config = RunConfig.from_cli(values)
         config.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if dry_run:
+        text, ok = preflight.dry_run(config, ctx.args)
+        typer.echo(text)
+        raise typer.Exit(0 if ok else 2)
+    try:  # models, inputs, GPU memory: before OUT is touched, before the pipeline's imports
+        checked = preflight.preflight(config, ctx.args)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     from prep.pipeline.console import RunConsole
+    from prep.pipeline.run import OutputExists, format_summary, run
 
     local = not any(a.startswith("--runner") for a in ctx.args)
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
     try:
         with RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress, verbose=verbose):
-            manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter)
+            manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -141,6 +161,9 @@ def _register_run() -> None:
         ("verbose", bool, typer.Option(
             False, "--verbose", "-v", rich_help_panel=PANEL_RUNNER,
             help="INFO logs, worker processes' logs included")),
+        ("dry_run", bool, typer.Option(
+            False, "--dry-run", rich_help_panel=PANEL_RUNNER,
+            help="check models and inputs, print the plan and stop; writes nothing to OUT")),
     ]
     for name, kind, option in own:
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))

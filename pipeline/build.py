@@ -58,6 +58,7 @@ class RunPlan:
     identity: dict[str, IdentityHandler] = field(default_factory=dict)  # "face" / "clip" -> its stage
     fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
     digests_out: Optional[str] = None  # a chunk of a chunked run: where its (pixel digest, key) pairs go
+    beam_options: list[str] = field(default_factory=list)  # as given (secrets redacted), for the manifest
 
     @property
     def launch_inputs(self) -> int:
@@ -98,7 +99,7 @@ class RunPlan:
         }
 
     def manifest_header(self) -> dict:
-        return {
+        header = {
             "created_by": f"prep {prep.__version__}",
             "config": self.config.to_json(),
             "embedding_dim": self.dim,
@@ -107,6 +108,9 @@ class RunPlan:
             "warnings": list(self.warnings),
             "splits": self.split_counts(),
         }
+        if self.beam_options:  # contract v1 addition: present when Beam options were given
+            header["beam_options"] = list(self.beam_options)
+        return header
 
     def split_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

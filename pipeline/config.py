@@ -275,8 +275,9 @@ class ResolvedModels:
         return [m for m in ("face", "clip") if m in self.identity.values()]
 
 
-def resolve_models(config: RunConfig) -> ResolvedModels:
-    """The preset's models with the flags' overrides; the tiny preset builds its models once."""
+def model_names(config: RunConfig) -> dict[str, Optional[str]]:
+    """caption_model, clip_model, clip_pretrained, mask_model: the preset's with the flags'
+    overrides (the tiny preset builds its models once). Light: the preflight calls it."""
     preset = dict(PRESETS[config.preset])
     if config.preset == "tiny":
         from prep.models.tiny import ensure_tiny_models
@@ -288,16 +289,28 @@ def resolve_models(config: RunConfig) -> ResolvedModels:
             "clip_pretrained": tiny.clip_weights,
             "mask_model": tiny.mask_onnx,
         }
+    clip_pretrained = config.clip_pretrained if config.clip_pretrained is not None else preset["clip_pretrained"]
+    return {
+        "caption_model": config.caption_model or preset["caption_model"],
+        "clip_model": config.clip_model or preset["clip_model"],
+        "clip_pretrained": clip_pretrained or None,
+        "mask_model": _expand(config.mask_model) or preset["mask_model"],
+    }
+
+
+def identity_models(config: RunConfig) -> dict[str, str]:
+    """Source kind -> the identity model ("face" | "clip" | "none") it is verified with."""
+    return {kind: config.identity_model or mode for kind, mode in PRESET_IDENTITY[config.preset].items()}
+
+
+def resolve_models(config: RunConfig) -> ResolvedModels:
+    """The preset's models with the flags' overrides; the tiny preset builds its models once."""
     min_fraction = config.mask_min_fraction
     if min_fraction is None:
         min_fraction = PRESET_STAGE_DEFAULTS[config.preset]["mask_min_fraction"]
-    clip_pretrained = config.clip_pretrained if config.clip_pretrained is not None else preset["clip_pretrained"]
-    identity = {kind: config.identity_model or mode for kind, mode in PRESET_IDENTITY[config.preset].items()}
+    identity = identity_models(config)
     return ResolvedModels(
-        caption_model=config.caption_model or preset["caption_model"],
-        clip_model=config.clip_model or preset["clip_model"],
-        clip_pretrained=clip_pretrained or None,
-        mask_model=_expand(config.mask_model) or preset["mask_model"],
+        **model_names(config),
         mask_min_fraction=min_fraction,
         identity=identity,
         thresholds=resolve_thresholds(config, identity),

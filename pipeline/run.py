@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from prep.pipeline import chunks, gpu_plan
+from prep.pipeline import chunks
+from prep.pipeline.beam_options import recorded as recorded_beam_options
 from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
 from prep.pipeline.console import format_stage_table, make_local_runner, planned_totals, stage_counters
@@ -24,6 +24,7 @@ from prep.pipeline.local import (
     worker_environment,
     worker_provision_info,
 )
+from prep.pipeline.preflight import Preflight, preflight
 from prep.pipeline.resume import (
     clear_retry_plan,
     read_run_state,
@@ -66,6 +67,7 @@ def run(
     *,
     wait: bool = True,
     retry_dead_letter: bool = False,
+    checked: Optional[Preflight] = None,
 ) -> Optional[dict]:
     """Check the output folder, plan, build and run the pipeline; return the manifest.
 
@@ -73,9 +75,16 @@ def run(
     One that holds a partial run of the same config and inputs (its `_run.json` digest
     matches) is resumed: complete shards are verified by checksum and kept, the rest redone.
     Anything else is refused unless `overwrite`.
+
+    First of all, the preflight (pipeline/preflight.py; `checked`: its report when the
+    caller ran it already) checks the Beam options, every model, every input and the GPU
+    memory plan, and raises before anything is written.
     """
     config.validate()
     check_options(PipelineOptions(list(beam_args or [])))  # before anything is written
+    checked = checked or preflight(config, beam_args or [])
+    for warning in checked.warnings():
+        log.warning("%s", warning)
     out = config.out.rstrip("/")
     complete = FileSystems.exists(f"{out}/{contract.MANIFEST}")
     partial = not complete and (output_exists(out) or read_run_state(out) is not None)
@@ -90,10 +99,7 @@ def run(
         )
     plan = plan_run(config)
     progress_note(f"planned {len(plan.items)} image(s) and {len(plan.wds_urls)} tar(s) from {len(config.inputs)} input(s)")
-    memory = gpu_plan.plan_for_run(config, plan.models, beam_args or [])
-    if memory is not None:  # the models run on a GPU: print the plan, refuse one that cannot fit
-        print(gpu_plan.format_plan(memory), file=sys.stderr, flush=True)
-        gpu_plan.check_plan(memory, dataflow=gpu_plan.is_dataflow(beam_args or []))
+    plan.beam_options = recorded_beam_options(beam_args or [])
     progress_note("hashing model weights (cached after the first run)")
     digest = run_digest(config, plan.items, plan.wds_urls, plan.hash_model_weights())
     resume = None

@@ -31,6 +31,9 @@ field below is written by this version, null / [] where it does not apply):
                         "member": the key inside the tar}; n indexes the manifest's
                         config.inputs (relative paths: shards do not change when data moves)
   KEY.face.npy          optional member (above)
+  manifest "beam_options"  the Beam pipeline options given to `prep run`, as given (values of
+                        credential options such as --s3_secret_access_key "<redacted>");
+                        written only when there were any
 schema_version stays 1: nothing a v1 reader relies on changed meaning, and outputs written
 before these additions still validate (the fields are checked when present).
 

@@ -20,6 +20,7 @@ def test_run_passes_beam_options_through_unchanged(monkeypatch, tmp_path):
         return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
 
     monkeypatch.setattr("prep.pipeline.run.run", fake_run)
+    monkeypatch.setattr("prep.pipeline.preflight.preflight", lambda config, args: None)  # /data/celeba is not here
     result = runner.invoke(app, [
         "run", "--input", "celeba:/data/celeba", "-i", "wds:/data/{0..1}.tar", "--out", str(tmp_path / "o"),
         "--preset", "paper", "--refs-per-sample", "3", "--mask-fill", "0,0,0",

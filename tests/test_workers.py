@@ -138,6 +138,7 @@ def test_cli_workers_default_to_auto_and_reach_the_config(monkeypatch, tmp_path)
         return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
 
     monkeypatch.setattr("prep.pipeline.run.run", fake_run)
+    monkeypatch.setattr("prep.pipeline.preflight.preflight", lambda config, args: None)  # /x is not here
     for extra, expected in (([], local.AUTO), (["--workers", "3"], 3)):
         result = CliRunner().invoke(app, ["run", "-i", "celeba:/x", "--out", str(tmp_path / "o"), *extra])
         assert result.exit_code == 0, result.output

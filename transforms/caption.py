@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from prep.device import resolve_device
+from prep.models.locate import hf_hub_cache
 from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
@@ -39,7 +40,7 @@ def clean_caption(text: str, prompt: Optional[str] = None) -> str:
 
 
 def _hf_unavailable(model: str, exc: Exception) -> ModelUnavailable:
-    cache = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    cache = hf_hub_cache()  # where the preflight looked too (prep.models.locate.locate_caption_model)
     if os.path.isdir(model) or model.startswith((".", "/")):
         how = f"the directory {model!r} must hold a model saved with save_pretrained (config.json, weights, processor files)"
     else:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from prep.device import resolve_device
+from prep.models.locate import hf_hub_cache
 from prep.pipeline.config import RunConfig
 from prep.schemas.records import Sample
 from prep.transforms.decode import load_rgb
@@ -67,7 +68,7 @@ def load_clip(model: str, pretrained: Optional[str], device: str = "cpu", precis
     except Exception as exc:  # noqa: BLE001 - a failed download surfaces as many exception types
         if "Unknown model" in str(exc):
             raise ModelUnavailable(f"unknown open_clip model {model!r}; see open_clip.list_models()") from exc
-        cache = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+        cache = hf_hub_cache()  # where the preflight looked too (prep.models.locate.locate_clip)
         raise ModelUnavailable(
             f"open_clip could not load {name!r} with pretrained={pretrained!r} ({type(exc).__name__}: {exc}). "
             f"Pretrained tags download to the Hugging Face cache ({cache}; set HF_HOME to move it) and need a "

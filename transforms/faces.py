@@ -296,7 +296,8 @@ def build_tiny_face_onnx(path: str, *, dim: int = 32, size: int = ALIGNED_SIZE, 
 
 
 def load_descriptor(model: str, *, device: str = "auto", batch: int = 16):
-    """'dlib' -> DlibDescriptor; a path ending in .onnx -> OnnxDescriptor."""
+    """'dlib' -> DlibDescriptor; a path ending in .onnx -> OnnxDescriptor. (The preflight checks
+    the same packages and files without loading them: prep.models.locate.locate_face_model.)"""
     if model == "dlib":
         return DlibDescriptor()
     if model.endswith(".onnx") or os.sep in model:

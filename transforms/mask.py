@@ -3,7 +3,8 @@
 The model is a rembg model name (`u2net`, `u2netp`, `u2net_human_seg`, `isnet-general-use`,
 ...; rembg downloads it to its home folder when there is a network, or finds it there) or a
 path to a custom ONNX file anywhere on disk, which is linked into rembg's models folder
-(rembg refuses custom paths outside it).
+(rembg refuses custom paths outside it). The preflight finds both without loading them:
+`prep.models.locate.locate_mask_model`.
 
 `masked_image` (x ⊗ m with a fixed fill colour) is the function the embed stage and the
 sampler both use, so the object the trainer conditions on is made one way only.
@@ -19,6 +20,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from prep.models.locate import is_custom_mask_model, rembg_model_files
 from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
@@ -29,7 +31,7 @@ DEFAULT_FILL = RunConfig.default("mask_fill")
 
 
 def is_custom_model(model: str) -> bool:
-    return model.endswith(".onnx") or os.sep in model
+    return is_custom_mask_model(model)  # one rule, shared with the preflight (models/locate.py)
 
 
 def binarize(soft: Image.Image | np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -98,7 +100,7 @@ def new_rembg_session(model: str, providers: Optional[list[str]] = None):
     except Exception as exc:  # noqa: BLE001 - a failed download surfaces as many exception types
         raise ModelUnavailable(
             f"rembg model {model!r} is not on disk and could not be downloaded ({type(exc).__name__}: {exc}). "
-            f"Put {model}.onnx in {os.path.join(rembg_home(), 'models', model)} (or set U2NET_HOME to a folder "
+            f"Put {model}.onnx at one of {', '.join(rembg_model_files(model))} (or set U2NET_HOME to a folder "
             f"holding it), or pass --mask-model /path/to/{model}.onnx"
         ) from exc
 
