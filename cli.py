@@ -79,6 +79,7 @@ def _run_cmd(
     _setup_logging(verbose)
     from prep.pipeline.config import RunConfig
     from prep.pipeline.run import OutputExists, format_summary, run
+    from prep.schemas import contract
 
     try:
         config = RunConfig.from_cli(values)
@@ -97,6 +98,11 @@ def _run_cmd(
     if manifest is not None:
         typer.echo(format_summary(manifest, config.out))
         if not manifest.get("reconciled"):
+            raise typer.Exit(1)
+        counts = manifest.get("counts", {})
+        if not counts.get("specific") and not counts.get("general"):
+            typer.echo(f"error: no sample was written ({counts.get('inputs', 0)} input(s), all dead-lettered); "
+                       f"see {config.out.rstrip('/')}/{contract.DEAD_LETTER_DIR}/", err=True)
             raise typer.Exit(1)
 
 

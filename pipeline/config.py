@@ -74,7 +74,8 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
 
-    inputs: list[str] = option(help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
+    inputs: list[str] = option(help="celeba:DIR, folder:DIR, wds:PATTERN or wds:DIR (repeatable); "
+                               "NAME=KIND:LOC names an input (its keys start with NAME_)", flags=("--input", "-i"))
     out: str = option(help="output directory (local path or gs://...)", flags=("--out", "-o"))
     preset: str = option("small", help="models: paper (BLIP-2, ViT-L-14, u2net), small, or tiny (offline)")
     # Models (None: the preset's).

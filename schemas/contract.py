@@ -12,8 +12,16 @@ Output directory OUT (this module is the one place that names its files and fold
   OUT/manifest.json                   MANIFEST_FIELDS: schema_version, config, models, counts, shards
   OUT/dead_letter/000000.jsonl        {"key", "source", "stage", "kind", "reason", "path"}
   OUT/_run.json, OUT/_retry.json, OUT/_plan/   run bookkeeping (resume digest, retry plan, staged inputs)
+Exactly these files (and their temporary siblings) are prep's (`is_run_file`): `--overwrite`
+removes them and nothing else under OUT.
 
-Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across runs):
+Per sample, tar members KEY.<ext> (KEY: [A-Za-z0-9_-]+, unique, stable across runs). A key is
+`<namespace>_<rest>`: the namespace of its input (transforms/sources/planning.input_namespaces:
+the input's NAME from `--input NAME=KIND:LOC`, else its kind, numbered from the second unnamed
+input of a kind on: wds, wds1, ...), the rest from the input (celeba: the image stem; folder:
+identity and image stem; wds: the member key in its tar). A run with one input of each kind
+has the keys v1 always had (celeba_000001, wds_000000000); v1 promised only the character set,
+uniqueness and stability, so schema_version stays 1:
   KEY.jpg       RGB image
   KEY.txt       final caption, UTF-8
   KEY.json      metadata (JSON_FIELDS)
@@ -75,6 +83,8 @@ PLAN_DIR = "_plan"  # staged input items of a large run
 # What a run writes directly under OUT: `prep run` refuses or clears an OUT holding any of them.
 OUTPUT_ENTRIES = (MANIFEST, DEAD_LETTER_DIR, *DOMAINS, *SPLITS[1:])
 RUN_ENTRIES = (*OUTPUT_ENTRIES, RUN_STATE, RETRY_PLAN, PLAN_DIR)
+# atomic.write_atomic's temporary sibling of NAME: ".NAME.tmp-<12 hex>".
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{12}$")
 
 # The manifest: top-level fields every manifest has, its counts, the fields of a shard entry.
 MANIFEST_FIELDS = ("schema_version", "counts", "shards", "config", "models")
@@ -181,6 +191,39 @@ def parquet_name(shard: str) -> str:
 def stats_name(shard: str) -> str:
     """'000003.tar' -> '000003_stats.json' (written last: the shard is complete)."""
     return shard.removesuffix(SHARD_SUFFIX) + STATS_SUFFIX
+
+
+def is_run_file(rel: str) -> bool:
+    """Whether `rel`, a '/'-separated path relative to OUT, names a file prep writes: the
+    manifest and run bookkeeping, shards, their sidecars, stats, sizes and wids index in a
+    shard folder, dead-letter files, staged items under _plan/, and the temporary siblings
+    of any of them. `prep run --overwrite` removes exactly these; every other file under OUT
+    is the user's and stays.
+
+    >>> [is_run_file(p) for p in ("manifest.json", "general/000003.tar", "val/specific/sizes.json",
+    ...                           "dead_letter/000000.jsonl", "specific/.000001.parquet.tmp-0123456789ab")]
+    [True, True, True, True, True]
+    >>> [is_run_file(p) for p in ("notes.txt", "general/README.md", "test/data.csv", "specific/a/000000.tar")]
+    [False, False, False, False]
+    """
+    folder, _, name = rel.strip("/").rpartition("/")
+    temp = _TEMP_NAME.match(name)
+    if temp:
+        name = temp.group("name")
+    if folder == "":
+        return name in (MANIFEST, RUN_STATE, RETRY_PLAN)
+    if folder == DEAD_LETTER_DIR:
+        return name.endswith(DEAD_LETTER_SUFFIX)
+    if folder == PLAN_DIR or folder.startswith(PLAN_DIR + "/"):
+        return True  # run bookkeeping only
+    if folder in {shard_folder(split, domain) for split, domain in split_domains()}:
+        if name in (SIZES, WIDS_INDEX):
+            return True
+        for suffix in (SHARD_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX):
+            base = name.removesuffix(suffix)
+            if base != name and len(base) == SHARD_DIGITS and base.isdigit():
+                return True
+    return False
 
 
 def split_member(name: str) -> tuple[str, str]:
