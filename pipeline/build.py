@@ -504,10 +504,7 @@ def _files_under(out: str) -> list[str]:
     from apache_beam.io.filesystems import FileSystems
 
     base = out.rstrip("/")
-    try:
-        (result,) = FileSystems.match([f"{base}/**"])
-    except Exception:  # OUT does not exist (some filesystems raise rather than match nothing)
-        return []
+    (result,) = FileSystems.match([f"{base}/**"])  # nothing matches where OUT does not exist
     return sorted(m.path[len(base) + 1:] for m in result.metadata_list if m.path.startswith(base + "/"))
 
 
