@@ -106,6 +106,7 @@ def _run_cmd(
     from prep.pipeline import preflight
     from prep.pipeline.beam_options import unknown_options
     from prep.pipeline.config import RunConfig
+    from prep.schemas import contract
 
     try:  # strict options: what is not prep's must be a Beam option (pipeline/beam_options.py)
         unknown = unknown_options(ctx.args, [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)])
@@ -143,6 +144,11 @@ def _run_cmd(
     if manifest is not None:
         typer.echo(format_summary(manifest, config.out))
         if not manifest.get("reconciled"):
+            raise typer.Exit(1)
+        counts = manifest.get("counts", {})
+        if not counts.get("specific") and not counts.get("general"):
+            typer.echo(f"error: no sample was written ({counts.get('inputs', 0)} input(s), all dead-lettered); "
+                       f"see {config.out.rstrip('/')}/{contract.DEAD_LETTER_DIR}/", err=True)
             raise typer.Exit(1)
 
 

@@ -48,6 +48,7 @@ class RunPlan:
     ingest_dead: list[DeadLetter] = field(default_factory=list)
     wds_urls: list[str] = field(default_factory=list)
     wds_origins: dict[str, dict] = field(default_factory=dict)  # url -> {"input": n, "tar": relative}
+    wds_namespaces: dict[str, str] = field(default_factory=dict)  # url -> its input's key namespace
     reports: list[SourceReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dim: int = 0
@@ -127,24 +128,31 @@ def plan_run(config: RunConfig) -> RunPlan:
     plan = RunPlan(config=config, models=models)
     seen: dict[str, str] = {}
     given: set[tuple[str, str]] = set()
-    for spec in config.inputs:
+    namespaces = sources.input_namespaces(config.inputs)  # every key starts with its input's namespace
+    for n, spec in enumerate(config.inputs):  # n: lineage, which input (manifest config.inputs / sources)
         kind, location = sources.parse_input_spec(spec)
         where = (kind, sources.normalize_root(location) if kind != "wds" else location)
         if where in given:
             plan.warnings.append(f"input {spec!r} repeats an earlier input; it is read once")
             continue
         given.add(where)
-        n = config.inputs.index(spec)  # lineage: which input (manifest config.inputs / sources)
         if kind == "wds":
             urls, report = sources.plan_wds(location)
-            root = pattern_root(location)
+            root = report.stats.get("folder") or pattern_root(location)
+            shared = 0
             for url in urls:
-                if url not in plan.wds_urls:
+                if url not in plan.wds_origins:
                     plan.wds_urls.append(url)
                     plan.wds_origins[url] = {"input": n, "tar": relative_to(root, url)}
+                    plan.wds_namespaces[url] = namespaces[n]
+                else:
+                    shared += 1
+            if shared:
+                plan.warnings.append(f"input {spec!r}: {shared} of its tar(s) are also in an earlier input; "
+                                     "each is read once, as part of the earlier input")
         else:
             planner = sources.plan_celeba if kind == "celeba" else sources.plan_folder
-            items, letters, report = planner(location)
+            items, letters, report = planner(location, namespaces[n])
             plan.ingest_dead.extend(letters)
             for item in items:
                 item = dataclasses.replace(item, origin={"input": n, **(item.origin or {})})
@@ -450,7 +458,7 @@ def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
     items = listed | "FanOutImages" >> beam.Reshuffle()
     images = items | "ReadImages" >> beam.ParDo(sources.ReadImageBytes()).with_outputs(DEAD, main="ok")
     tars = p | "ListTars" >> beam.Create(plan.wds_urls) | "FanOutTars" >> beam.Reshuffle()
-    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard(plan.wds_origins)).with_outputs(DEAD, main="ok")
+    pairs = tars | "ReadTars" >> beam.ParDo(sources.ReadWdsShard(plan.wds_origins, plan.wds_namespaces)).with_outputs(DEAD, main="ok")
     letters = [p | "IngestDeadLetters" >> beam.Create(plan.ingest_dead), images[DEAD], pairs[DEAD]]
     streamed_inputs = (
         (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
@@ -503,13 +511,48 @@ def output_exists(out: str) -> bool:
     return any(FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in contract.OUTPUT_ENTRIES)
 
 
+def _files_under(out: str) -> list[str]:
+    """Every file under OUT, as '/'-separated paths relative to it ([] when OUT does not exist)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    base = out.rstrip("/")
+    (result,) = FileSystems.match([f"{base}/**"])  # nothing matches where OUT does not exist
+    return sorted(m.path[len(base) + 1:] for m in result.metadata_list if m.path.startswith(base + "/"))
+
+
+def foreign_files(out: str) -> list[str]:
+    """The files under OUT that prep does not write (contract.is_run_file): the user's; []
+    as soon as OUT holds any file of prep's (then it is a prep output, complete or partial)."""
+    files = _files_under(out)
+    if any(contract.is_run_file(rel) for rel in files):
+        return []
+    return files
+
+
 def clear_output(out: str) -> None:
-    """Remove everything a run writes under OUT, its bookkeeping included (contract.RUN_ENTRIES)."""
+    """Remove every file a run writes under OUT, its bookkeeping included (contract.is_run_file),
+    and prep's folders left empty; any other file (the user's) stays where it is."""
+    import os
+    import shutil
+
     from apache_beam.io.filesystems import FileSystems
 
     from prep.schemas.card import is_prep_card
 
-    existing = [p for p in (f"{out.rstrip('/')}/{n}" for n in contract.RUN_ENTRIES) if FileSystems.exists(p)]
-    existing = [p for p in existing if not p.endswith(f"/{contract.DATASET_CARD}") or is_prep_card(p)]
-    if existing:
-        FileSystems.delete(existing)
+    base = out.rstrip("/")
+    mine = [f"{base}/{rel}" for rel in _files_under(base) if contract.is_run_file(rel)]
+    card = f"{base}/{contract.DATASET_CARD}"
+    if FileSystems.exists(card) and is_prep_card(card):
+        mine.append(card)
+    if mine:
+        FileSystems.delete(mine)
+    if FileSystems.get_scheme(base) is None:  # local folders: remove prep's own once empty
+        folders = {contract.shard_folder(s, d) for s, d in contract.split_domains()}
+        folders |= {contract.DEAD_LETTER_DIR, contract.PLAN_DIR, *contract.SPLITS[1:]}
+        for rel in sorted(folders, key=lambda f: -f.count("/")):
+            path = os.path.join(base, rel)
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        chunks = os.path.join(base, contract.CHUNKS_DIR)  # only prep's files ever go there
+        if os.path.isdir(chunks):
+            shutil.rmtree(chunks)

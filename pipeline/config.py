@@ -90,7 +90,8 @@ class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
 
     inputs: list[str] = option(panel=PANEL_IO,
-        help="celeba:DIR, folder:DIR or wds:PATTERN (repeatable)", flags=("--input", "-i"))
+        help="celeba:DIR, folder:DIR, wds:PATTERN or wds:DIR (repeatable); NAME=KIND:LOC names an input (its "
+        "keys start with NAME_)", flags=("--input", "-i"))
     out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
     preset: str = option(
         "small", panel=PANEL_MODELS, help="models: paper (BLIP-2, ViT-L-14, u2net) or small (BLIP, ViT-B-32, u2netp) download weights "

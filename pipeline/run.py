@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
-from prep.pipeline.build import build_pipeline, clear_output, output_exists, plan_run, stage_items
+from prep.pipeline.build import build_pipeline, clear_output, foreign_files, output_exists, plan_run, stage_items
 from prep.pipeline.config import RunConfig
 from prep.pipeline.console import format_stage_table, make_local_runner, planned_totals, stage_counters
 from prep.pipeline.local import (
@@ -74,7 +74,8 @@ def run(
     An output folder that holds a complete run (a manifest) is refused unless `overwrite`.
     One that holds a partial run of the same config and inputs (its `_run.json` digest
     matches) is resumed: complete shards are verified by checksum and kept, the rest redone.
-    Anything else is refused unless `overwrite`.
+    A folder that holds files but no prep output (a wrong --out) is refused too unless
+    `overwrite`. `overwrite` removes only prep's own files (contract.is_run_file).
 
     First of all, the preflight (pipeline/preflight.py; `checked`: its report when the
     caller ran it already) checks the Beam options, every model, every input and the GPU
@@ -97,6 +98,15 @@ def run(
             f"{config.out} already holds a complete run (manifest.json); pass --overwrite to redo it, "
             "or --retry-dead-letter to redo only its dead-lettered inputs"
         )
+    if not (complete or config.overwrite):
+        foreign = foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise OutputExists(
+                f"{config.out} is not empty and holds no prep output ({len(foreign)} file(s): {shown}); "
+                "choose an empty or new folder, or pass --overwrite (it removes only prep's own files "
+                "and leaves these where they are)"
+            )
     plan = plan_run(config)
     progress_note(f"planned {len(plan.items)} image(s) and {len(plan.wds_urls)} tar(s) from {len(config.inputs)} input(s)")
     plan.beam_options = recorded_beam_options(beam_args or [])

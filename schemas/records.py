@@ -136,6 +136,7 @@ class DeadLetterKind(str, Enum):
     NO_IMAGE_MEMBER = "no image member"
     INCOMPLETE_TAR_SAMPLE = "incomplete tar sample"
     UNREADABLE_TAR = "unreadable tar"
+    EMPTY_TAR = "empty tar"  # a readable tar that holds no sample at all
     # Decode.
     NOT_AN_IMAGE = "not a decodable image"
     TOO_MANY_PIXELS = "too many pixels"

@@ -288,6 +288,10 @@ class _Validator:
         self.check_refs()
         self.check_dead_letters()
         self.reconcile(manifest)
+        if not self.found[SPECIFIC] and not self.found[GENERAL]:
+            why = (f"all {self.dead_lettered} input(s) were dead-lettered" if self.dead_lettered
+                   else "and no input at all was read")
+            self.problem(f"no sample in any shard ({why}): there is nothing to train on")
         counts = {
             SPECIFIC: self.found[SPECIFIC],
             GENERAL: self.found[GENERAL],

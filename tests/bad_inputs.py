@@ -287,6 +287,7 @@ CASE_NAMES = (
     "truncated_tar_sample_before_cut",
     "truncated_tar_sample_cut",
     "truncated_tar",
+    "empty_tar",
 )
 
 
@@ -297,7 +298,7 @@ def corpus_inputs(root: PathLike) -> list[str]:
         f"celeba:{root / 'celeba'}",
         f"folder:{root / 'folder'}",
         f"folder:{root / 'folder_more'}",
-        f"wds:{root / 'wds'}/{{000000..000002}}.tar",
+        f"wds:{root / 'wds'}/{{000000..000003}}.tar",
     ]
 
 
@@ -429,7 +430,8 @@ def _write_folders(folder: Path, folder_more: Path) -> dict[str, Expected]:
         path.write_bytes(data)
         if expected["outcome"] == PROCESSED:
             expected = {"domain": SPECIFIC, "identity": identity, "has_attributes": False, "size": (W, H), **expected}
-        cases[case] = Expected(key=make_key("folder", identity, name.rsplit(".", 1)[0]), **expected)
+        namespace = "folder" if root == folder else "folder1"  # the second unnamed folder input
+        cases[case] = Expected(key=make_key(namespace, identity, name.rsplit(".", 1)[0]), **expected)
 
     add("unicode_and_space_name", folder, "bob smith", "élan 1.jpg", plain_jpeg(RED, BLUE),
         what="accented name with a space, identity folder with a space", outcome=PROCESSED,
@@ -448,8 +450,8 @@ def _write_folders(folder: Path, folder_more: Path) -> dict[str, Expected]:
         what="dup/same.jpg in the first folder source: kept", outcome=PROCESSED,
         pixels=((*LEFT, GREEN), (*RIGHT, GREEN)))
     add("same_key_two_folder_sources_second", folder_more, "dup", "same.jpg", plain_jpeg(RED, RED),
-        what="dup/same.jpg in the second folder source: the same key", outcome=DEAD_LETTERED, stage="ingest",
-        reason="duplicate key", reason_has=str(folder / "dup" / "same.jpg"), path_has=str(folder_more))
+        what="dup/same.jpg in the second folder source: its own key (namespace folder1), kept too",
+        outcome=PROCESSED, pixels=((*LEFT, RED), (*RIGHT, RED)))
     return cases
 
 
@@ -494,4 +496,9 @@ def _write_wds(wds: Path) -> dict[str, Expected]:
     cases["truncated_tar"] = Expected(
         what="a tar cut short", key="wds_000002_tar_error", outcome=DEAD_LETTERED, stage="read",
         reason="unreadable tar", reason_has="after 1 complete sample")
+    empty = wds / "000003.tar"
+    empty.write_bytes(_tar([]))
+    cases["empty_tar"] = Expected(
+        what="a valid tar with no member at all", key="wds_000003_empty_tar", outcome=DEAD_LETTERED, stage="read",
+        reason="empty tar", reason_has="holds no sample", path_has=str(empty))
     return cases

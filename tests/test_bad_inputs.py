@@ -124,7 +124,7 @@ def _celeba_report(manifest: dict) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-# Two inputs with one key (a key in two folder sources, in two tars) leave the kept input in a
+# Two inputs with one key (a key in two tars of one wds input) leave the kept input in a
 # shard and the other in the dead letter under the same key, its path telling them apart.
 # schemas/validate.py reports any dead-lettered key that is also in a shard, duplicates
 # included, so until it exempts `ingest: duplicate key` letters these two problems are known.

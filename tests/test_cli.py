@@ -17,7 +17,7 @@ def test_run_passes_beam_options_through_unchanged(monkeypatch, tmp_path):
 
     def fake_run(config, beam_args, **kwargs):
         captured["config"], captured["args"] = config, list(beam_args)
-        return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
+        return {"counts": {"inputs": 1, "specific": 1, "general": 0, "dead_lettered": 0}, "reconciled": True}
 
     monkeypatch.setattr("prep.pipeline.run.run", fake_run)
     monkeypatch.setattr("prep.pipeline.preflight.preflight", lambda config, args: None)  # /data/celeba is not here

@@ -135,7 +135,7 @@ def test_cli_workers_default_to_auto_and_reach_the_config(monkeypatch, tmp_path)
 
     def fake_run(config, beam_args, **kwargs):
         captured.append(config)
-        return {"counts": {"inputs": 0, "specific": 0, "general": 0, "dead_lettered": 0}, "reconciled": True}
+        return {"counts": {"inputs": 1, "specific": 1, "general": 0, "dead_lettered": 0}, "reconciled": True}
 
     monkeypatch.setattr("prep.pipeline.run.run", fake_run)
     monkeypatch.setattr("prep.pipeline.preflight.preflight", lambda config, args: None)  # /x is not here

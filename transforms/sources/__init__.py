@@ -1,10 +1,16 @@
 """Input sources (one module per role: files.py, celeba_files.py, planning.py, readers.py): what the pipeline reads, found on the launcher, read on the workers.
 
-An input is named by a spec string:
+An input is named by a spec string, `[NAME=]KIND:LOCATION`:
 
   celeba:DIR     a CelebA download (img_align_celeba/ plus the annotation files)
   folder:DIR     DIR/<identity>/<image>, one subfolder per identity
   wds:PATTERN    WebDataset tars as img2dataset writes them (brace and glob patterns)
+  wds:DIR        the *.tar files directly in DIR (the folder img2dataset wrote), sorted
+
+Every key an input produces starts with its namespace (`input_namespaces`): NAME when given
+(`laion=wds:/data/laion`), else its kind, numbered from the second unnamed input of a kind on
+(`wds`, `wds1`, ...). An input that exists but yields nothing raises at planning
+(FileNotFoundError), before anything is written.
 
 Small things (file listings, annotation files) are planned on the launcher by plain
 functions (`plan_celeba`, `plan_folder`, `plan_wds`) that return typed `SourceItem`s, the
@@ -29,6 +35,10 @@ from prep.transforms.sources.celeba_files import (  # noqa: F401
 from prep.transforms.sources.files import FOLDER_IMAGE_EXTS, find_annotation, normalize_root  # noqa: F401
 from prep.transforms.sources.planning import (  # noqa: F401
     SOURCE_KINDS,
+    InputSpec,
+    check_location,
+    input_namespaces,
+    parse_input,
     parse_input_spec,
     plan_celeba,
     plan_folder,

@@ -95,13 +95,18 @@ class ReadWdsShard(beam.DoFn):
     its own (the error may have cut off its remaining members, its caption say, and does
     not tell whether it did: a sample is never passed on possibly incomplete); and one
     `unreadable tar` dead letter names the tar, the count read before the failure and the
-    error.
+    error. A tar that reads fine but holds no member at all is one `empty tar` dead letter
+    (an input that yields nothing is never silent).
+
+    Keys are `<namespace>_<member key>`: the namespace of the tar's input (`namespaces`, url ->
+    namespace, from planning.input_namespaces); without one, `wds`.
     """
 
-    def __init__(self, origins: Optional[dict[str, dict]] = None) -> None:
+    def __init__(self, origins: Optional[dict[str, dict]] = None, namespaces: Optional[dict[str, str]] = None) -> None:
         # url -> the lineage prefix of its samples ({"input": n, "tar": path relative to the
         # input pattern's folder}); without it, the URL itself.
         self._origins = dict(origins or {})
+        self._namespaces = dict(namespaces or {})
         self._samples = counter("read_wds", "samples")
         self._no_image = counter("read_wds", "no_image")
         self._duplicates = counter("read_wds", "duplicate")
@@ -109,15 +114,21 @@ class ReadWdsShard(beam.DoFn):
         self._incomplete = counter("read_wds", "incomplete")
         self._tar_errors = counter("read_wds", "tar_error")
         self._tars = counter("read_wds", "tars")
+        self._empty = counter("read_wds", "empty_tar")
+
+    def _namespace(self, url: str) -> str:
+        return self._namespaces.get(url, "wds")
 
     def process(self, url: str) -> Iterator[object]:
         self._tars.inc()
         emitted = 0
         seen: set[str] = set()
         current: Optional[_TarSample] = None
+        members = 0
         try:
             with FileSystems.open(url, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 for name, data in iter_tar_members(f):
+                    members += 1
                     member_key, ext = split_member(name)
                     if current is not None and current.key != member_key:
                         yield from self._emit(url, current, seen)
@@ -132,7 +143,7 @@ class ReadWdsShard(beam.DoFn):
                 read = ", ".join(sorted(current.extensions)) or "none"
                 yield dead(
                     DeadLetter(
-                        key=make_key("wds", current.key),
+                        key=make_key(self._namespace(url), current.key),
                         source="wds",
                         stage="read",
                         kind=DeadLetterKind.INCOMPLETE_TAR_SAMPLE,
@@ -146,7 +157,7 @@ class ReadWdsShard(beam.DoFn):
             self._tar_errors.inc()
             yield dead(
                 DeadLetter(
-                    key=make_key("wds", _tar_stem(url), "tar_error"),
+                    key=make_key(self._namespace(url), _tar_stem(url), "tar_error"),
                     source="wds",
                     stage="read",
                     kind=DeadLetterKind.UNREADABLE_TAR,
@@ -160,9 +171,21 @@ class ReadWdsShard(beam.DoFn):
             return
         if current is not None:
             yield from self._emit(url, current, seen)
+        elif members == 0:
+            self._empty.inc()
+            yield dead(
+                DeadLetter(
+                    key=make_key(self._namespace(url), _tar_stem(url), "empty_tar"),
+                    source="wds",
+                    stage="read",
+                    kind=DeadLetterKind.EMPTY_TAR,
+                    reason=f"empty tar: {url} is a valid tar that holds no sample (no file member)",
+                    path=url,
+                )
+            )
 
     def _emit(self, url: str, sample: _TarSample, seen: set[str]) -> Iterator[object]:
-        key = make_key("wds", sample.key)
+        key = make_key(self._namespace(url), sample.key)
         path = f"{url}#{sample.key}"
 
         def letter(kind: DeadLetterKind, details: str) -> beam.pvalue.TaggedOutput:
