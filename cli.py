@@ -227,6 +227,7 @@ def demo_data_cmd(
     seed: int = typer.Option(0),
 ):
     """Write a synthetic CelebA-layout dataset and img2dataset-style general shards."""
+    _setup_logging(False)
     from prep.demo import write_demo_data
 
     info = write_demo_data(
