@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 import apache_beam as beam
@@ -20,6 +19,7 @@ from conftest import assert_same_output
 from prep.cli import app
 from prep.demo import write_demo_data
 from prep.pipeline.build import clear_output, plan_run
+from prep.transforms.write import members_tar_bytes
 from prep.pipeline.config import RunConfig
 from prep.pipeline.run import OutputExists, run
 from prep.schemas import contract
@@ -79,14 +79,8 @@ def test_namespaces_are_positional_per_kind_or_the_given_name():
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(members_tar_bytes(members))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 from prep.schemas import contract
 from prep.schemas.records import Sample
 from prep.transforms.mask import mask_png
-from prep.transforms.write import sample_json, tar_bytes
+from prep.transforms.write import members_tar_bytes, sample_json, tar_bytes
 
 
 def _jpeg(color) -> bytes:
@@ -71,13 +71,7 @@ def test_tar_is_deterministic_and_has_fixed_headers():
 
 
 def _tar_with(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return members_tar_bytes(members)
 
 
 def test_reader_refuses_path_traversal_and_never_unpickles(tmp_path):
