@@ -119,6 +119,11 @@ class ReadWdsShard(beam.DoFn):
     def _namespace(self, url: str) -> str:
         return self._namespaces.get(url, "wds")
 
+    def _tar_letter(self, url: str, suffix: str, kind: DeadLetterKind, reason: str):
+        """The dead letter of a whole tar (its key: the tar's stem and `suffix`)."""
+        key = make_key(self._namespace(url), _tar_stem(url), suffix)
+        return dead(DeadLetter(key=key, source="wds", stage="read", kind=kind, reason=reason, path=url))
+
     def process(self, url: str) -> Iterator[object]:
         self._tars.inc()
         emitted = 0
@@ -155,34 +160,17 @@ class ReadWdsShard(beam.DoFn):
                     )
                 )
             self._tar_errors.inc()
-            yield dead(
-                DeadLetter(
-                    key=make_key(self._namespace(url), _tar_stem(url), "tar_error"),
-                    source="wds",
-                    stage="read",
-                    kind=DeadLetterKind.UNREADABLE_TAR,
-                    reason=(
-                        f"unreadable tar: {url} failed after {emitted} complete sample{'' if emitted == 1 else 's'} "
-                        f"({type(exc).__name__}: {exc})"
-                    ),
-                    path=url,
-                )
-            )
+            yield self._tar_letter(url, "tar_error", DeadLetterKind.UNREADABLE_TAR, (
+                f"unreadable tar: {url} failed after {emitted} complete sample{'' if emitted == 1 else 's'} "
+                f"({type(exc).__name__}: {exc})"
+            ))
             return
         if current is not None:
             yield from self._emit(url, current, seen)
         elif members == 0:
             self._empty.inc()
-            yield dead(
-                DeadLetter(
-                    key=make_key(self._namespace(url), _tar_stem(url), "empty_tar"),
-                    source="wds",
-                    stage="read",
-                    kind=DeadLetterKind.EMPTY_TAR,
-                    reason=f"empty tar: {url} is a valid tar that holds no sample (no file member)",
-                    path=url,
-                )
-            )
+            yield self._tar_letter(url, "empty_tar", DeadLetterKind.EMPTY_TAR,
+                                   f"empty tar: {url} is a valid tar that holds no sample (no file member)")
 
     def _emit(self, url: str, sample: _TarSample, seen: set[str]) -> Iterator[object]:
         key = make_key(self._namespace(url), sample.key)
