@@ -368,10 +368,11 @@ class _Validator:
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             self.problem(f"{DATASET_CARD}: unreadable YAML header ({type(exc).__name__})")
             return
-        if got != card_configs(manifest.entries):
+        expected = card_configs(manifest.entries)
+        if got != expected:
             self.problem(
                 f"{DATASET_CARD}: configs {json.dumps(got)} do not match the manifest's shard folders "
-                f"{json.dumps(card_configs(manifest.entries))}"
+                f"{json.dumps(expected)}"
             )
 
     def check_manifest_shard(self, index: int, entry: Any, info: _ManifestInfo) -> None:
