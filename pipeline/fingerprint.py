@@ -132,9 +132,9 @@ def fingerprint_mask(model: str) -> dict:
     if path:
         return {"path": path, "sha256": hash_path(path)}
     try:
-        from rembg.sessions import sessions_class
+        from prep.transforms.mask import import_rembg
 
-        for cls in sessions_class:
+        for cls in import_rembg().sessions.sessions_class:
             if cls.name() == model:
                 found = cls.resolve_existing(f"{model}.onnx")
                 if found:

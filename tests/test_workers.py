@@ -91,6 +91,7 @@ def test_worker_environment_sets_thread_counts_only_for_multi_processing_and_res
     monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own is kept
     with worker_environment(PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=4"])) as added:
         assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["PREP_THREADS"] == "2"
+        assert os.environ["NUMBA_NUM_THREADS"] == "2"
         assert os.environ["MKL_NUM_THREADS"] == "3" and "MKL_NUM_THREADS" not in added
     assert "OMP_NUM_THREADS" not in os.environ and "PREP_THREADS" not in os.environ
     assert os.environ["MKL_NUM_THREADS"] == "3"
@@ -163,3 +164,25 @@ def test_auto_runs_small_inputs_in_one_process():
     assert resolve_workers(0, "tiny", "cpu", AUTO_MIN_INPUTS) == auto_workers("tiny", "cpu")
     assert resolve_workers(0, "tiny", "cpu") == auto_workers("tiny", "cpu")
     assert resolve_workers(3, "tiny", "cpu", 10) == 3  # an explicit N always wins
+
+
+def test_loading_the_mask_model_keeps_torchs_thread_count(tiny):
+    """rembg's import starts numba's OpenMP layer, which reset the OpenMP thread count torch
+    shares to every core, overriding OMP_NUM_THREADS: each of N workers then ran all-core torch
+    (transforms/mask.py: import_rembg). In a fresh process, as a worker is."""
+    import subprocess
+    import sys
+
+    if local.machine_cores() < 2:
+        pytest.skip("one core: the count cannot change")
+    code = (
+        "import torch\n"
+        "from prep.transforms.mask import MaskHandler\n"
+        f"MaskHandler({tiny.mask_onnx!r}, device='cpu').load_model()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "1"

@@ -60,16 +60,37 @@ def masked_image(image: Image.Image, mask: Image.Image, fill: tuple[int, int, in
     return Image.composite(image.convert("RGB"), background, mask.convert("L"))
 
 
-def rembg_home() -> str:
-    from rembg.sessions.base import BaseSession
+def import_rembg():
+    """The rembg package, imported without changing torch's thread count.
 
-    return BaseSession.rembg_home()
+    Importing rembg imports pymatting, whose numba functions are compiled with `parallel=True`:
+    numba's OpenMP threading layer then sets the OpenMP thread count (which torch shares) to
+    the number of cores, overriding OMP_NUM_THREADS and an earlier `torch.set_num_threads`.
+    With `--workers N` that put N x cores torch threads on the cores; oversubscribed OpenMP
+    threads spin and wait on each other: measured 0.55 s against 0.02 s per tiny captioner
+    batch on a loaded 2-core machine. So the count is put back (and `--workers` also sets
+    NUMBA_NUM_THREADS per worker: pipeline/local.py)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    import rembg
+    import rembg.sessions  # noqa: F401 - the sessions are what prep uses
+
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return rembg
+
+
+def rembg_home() -> str:
+    return import_rembg().sessions.base.BaseSession.rembg_home()
 
 
 def new_rembg_session(model: str, providers: Optional[list[str]] = None):
     """A rembg session for a model name or a custom ONNX path, with a clear error if absent."""
     import onnxruntime as ort
-    from rembg import new_session
+
+    new_session = import_rembg().new_session
 
     if providers is None:
         available = ort.get_available_providers()
