@@ -4,8 +4,10 @@ Beam's in-memory runner keeps every collection that crosses a grouping in memory
 image on the tiny preset), so one local job over a whole dataset needs memory in proportion to
 it. The work is independent per identity, so a large local run is cut into chunks of whole
 identities (`plan_chunks`: identity-disjoint, deterministic, about N inputs each; general-domain
-tars whole, by tar) and each chunk runs as one ordinary pipeline into `OUT/_chunks/NNNNN/`,
-one after the other. Pairing and verification are exact inside a chunk: every image of an
+tars whole, by tar) and each chunk runs as one ordinary pipeline into `OUT/_chunks/NNNNN/`:
+one after the other, or with `--workers N`, N at a time in N long-lived processes (each a
+one-process in-memory runner with 1/N of the cores' threads, keeping its models loaded from
+chunk to chunk: one model load per process, not per chunk). Pairing and verification are exact inside a chunk: every image of an
 identity is in it.
 
 Then `stitch` merges the chunks' shards per (split, domain) in key order (a k-way merge of
@@ -31,13 +33,16 @@ started as one job, and inputs of at most `--chunk-inputs`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,10 +50,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
 from prep.pipeline.build import RunPlan, _exact_duplicates_section, stage_items
-from prep.pipeline.local import SAMPLES_PER_TAR_GUESS
+from prep.pipeline.local import SAMPLES_PER_TAR_GUESS, thread_environment
 from prep.pipeline.outputs import build_manifest, dead_letter_lines, write_run_outputs
 from prep.schemas import contract, output
 from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo, SourceItem
+from prep.transforms.inference import keep_models
 from prep.transforms.pair import IdentityTotals, identity_group
 from prep.transforms.write import ShardRow, members_tar_bytes, write_shard_files
 
@@ -174,24 +180,78 @@ def chunk_plan(plan: RunPlan, chunk: Chunk, index: int, by_key: dict[str, Source
     )
 
 
-def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Callable[[RunPlan, object], None]) -> dict:
-    """Each chunk not yet done through `run_pipeline(chunk_plan, resume)`, then `stitch`."""
+def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Callable[[RunPlan, object], dict],
+               workers: int = 1) -> tuple[dict, dict[str, int]]:
+    """Each chunk not yet done through `run_pipeline(chunk_plan, resume)` (which returns the
+    chunk's stage counters), then `stitch`; returns (manifest, the stage counters summed).
+
+    `workers` > 1: that many chunks at a time, each in one of `workers` long-lived processes
+    (`run_pipeline` must then pickle: a top-level function or a partial of one). Each process
+    keeps its models from one chunk to the next (transforms/inference.py: keep_models), and so
+    does this process when it runs the chunks itself. The output does not depend on the order
+    in which chunks finish: `stitch` merges them by key."""
     from prep.pipeline.build import output_exists
     from prep.pipeline.resume import scan_completed
 
     by_key = {item.key: item for item in plan.items}
+    todo: list[tuple[int, RunPlan, object]] = []
     for index, chunk in enumerate(chunks):
         folder = chunk_dir(out, index)
         if FileSystems.exists(f"{folder}/{DONE_MARKER}"):
             continue
         resume = scan_completed(folder) if output_exists(folder) else None
         sub = chunk_plan(plan, chunk, index, by_key, out)
-        log.info("chunk %d of %d: %d inputs, %d tar(s)%s", index + 1, len(chunks), len(chunk.keys), len(chunk.wds),
-                 " (resumed)" if resume is not None else "")
         stage_items(sub, folder)
-        run_pipeline(sub, resume)
-        write_atomic(f"{folder}/{DONE_MARKER}", b"")
-    return stitch(out, plan, len(chunks))
+        todo.append((index, sub, resume))
+    counters: dict[str, int] = {}
+
+    def done(index: int, chunk_counters: dict[str, int]) -> None:
+        write_atomic(f"{chunk_dir(out, index)}/{DONE_MARKER}", b"")
+        for name, n in chunk_counters.items():
+            counters[name] = counters.get(name, 0) + n
+
+    def started(index: int, resume) -> None:
+        log.info("chunk %d of %d: %d inputs, %d tar(s)%s", index + 1, len(chunks), len(chunks[index].keys),
+                 len(chunks[index].wds), " (resumed)" if resume is not None else "")
+
+    if workers <= 1 or len(todo) <= 1:
+        with keep_models():
+            for index, sub, resume in todo:
+                started(index, resume)
+                done(index, run_pipeline(sub, resume))
+    else:
+        with chunk_pool(min(workers, len(todo))) as pool:
+            futures = {}
+            for index, sub, resume in todo:
+                started(index, resume)
+                futures[pool.submit(run_pipeline, sub, resume)] = index
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+    return stitch(out, plan, len(chunks)), dict(sorted(counters.items()))
+
+
+def _keep_models_in_worker() -> None:
+    """A chunk worker's initializer: its models stay loaded from one chunk to the next."""
+    keep_models().__enter__()
+
+
+@contextlib.contextmanager
+def chunk_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """`workers` fresh processes (spawned: no inherited threads or torch state), each with the
+    thread counts of one of `workers` (pipeline/local.py: thread_environment). On an error, or
+    when interrupted, the workers still running are stopped before it propagates: a chunk that
+    did not finish has no done marker and is redone (resumed) by the next run."""
+    with thread_environment(workers):
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_keep_models_in_worker)
+        try:
+            yield pool
+        except BaseException:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------- stitching

@@ -6,7 +6,9 @@ multi_processing mode: N SDK worker processes (`python -m apache_beam.runners.wo
 started by `subprocess.Popen` with a copy of the launcher's `os.environ` when the pipeline
 starts). So the per-worker thread counts are environment variables set around `p.run()`:
 `OMP_NUM_THREADS` / `MKL_NUM_THREADS` / `OPENBLAS_NUM_THREADS` (torch sizes its intra-op pool
-from `OMP_NUM_THREADS` when it is imported, which in a worker is after the process starts) and
+from `OMP_NUM_THREADS` when it is imported, which in a worker is after the process starts),
+`NUMBA_NUM_THREADS` (rembg's import starts numba's OpenMP layer, which would reset the OpenMP
+count torch shares to all cores: transforms/mask.py, import_rembg) and
 `PREP_THREADS` (read by the mask stage for onnxruntime's `intra_op_num_threads`, which ignores
 OpenMP's variables), each `max(1, cores // N)`. The workers' own logging is set to WARNING
 (`--default_sdk_harness_log_level`, which the FnApiRunner does not pass to its workers by
@@ -35,7 +37,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PipelineOptions, StandardOptions
 
 AUTO = 0  # `--workers 0` / `auto`: the machine's cores, capped by memory
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PREP_THREADS")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "PREP_THREADS")
 # Peak RSS of one worker process holding a preset's three models (CPU), rounded up: tiny
 # measured ~1.3 GB for a whole run; small and paper are estimates from the models' sizes.
 WORKER_MEMORY_GB = {"tiny": 1.5, "small": 4.0, "paper": 16.0}
@@ -125,7 +127,7 @@ def resolve_workers(workers: int, preset: str, device: str, planned_inputs: Opti
 def worker_args(workers: int, beam_args: Sequence[str]) -> list[str]:
     """Beam arguments for a local run on `workers` processes (the user's own direct_* win)."""
     args = list(beam_args)
-    if workers <= 1 or any(a.startswith(("--direct_running_mode", "--direct_num_workers")) for a in args):
+    if workers <= 1 or sets_direct_options(args):
         return args
     return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] + args
 
@@ -171,6 +173,14 @@ def worker_environment(options: PipelineOptions) -> Iterator[dict]:
     if not is_local(options) or direct.direct_running_mode != "multi_processing" or workers <= 1:
         yield {}
         return
+    with thread_environment(workers) as added:
+        yield added
+
+
+@contextlib.contextmanager
+def thread_environment(workers: int) -> Iterator[dict]:
+    """os.environ with the thread counts of one of `workers` processes sharing the cores, for the
+    processes started inside the block (restored after; a variable the user set is kept)."""
     threads = str(threads_per_worker(workers))
     added = {name: threads for name in THREAD_ENV if name not in os.environ}
     os.environ.update(added)
@@ -179,3 +189,8 @@ def worker_environment(options: PipelineOptions) -> Iterator[dict]:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def sets_direct_options(beam_args: Sequence[str]) -> bool:
+    """The user chose Beam's local running mode or worker count themselves."""
+    return any(a.startswith(("--direct_running_mode", "--direct_num_workers")) for a in beam_args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Optional, Sequence
@@ -20,6 +21,7 @@ from prep.pipeline.local import (
     is_local,
     SAMPLES_PER_TAR_GUESS,
     resolve_workers,
+    sets_direct_options,
     worker_args,
     worker_environment,
     worker_provision_info,
@@ -143,25 +145,24 @@ def run(
         log.warning("%s", warning)
     beam_args = list(beam_args or [])
     local = is_local(PipelineOptions(beam_args))
+    workers = 1
     if local:
         planned = len(plan.items) + SAMPLES_PER_TAR_GUESS * len(plan.wds_urls)
         workers = resolve_workers(config.workers, config.preset, config.device, planned)
         log.info("local run on %d worker process(es)", workers)
-        beam_args = worker_args(workers, beam_args)
     progress_plan(planned_totals(plan, resume))
     progress_note("starting the pipeline")
-    # Large local inputs run in chunks of whole identities, memory bounded by --chunk-inputs.
+    # Large local inputs run in chunks of whole identities, memory bounded by --chunk-inputs;
+    # with --workers N, N chunks at a time, each in its own process (pipeline/chunks.py).
     parts = None if resume is not None else chunks.chunks_for(out, plan, local)
     if parts is not None:
         log.info("%d inputs in %d chunks of about %d", plan.launch_inputs, len(parts), config.chunk_inputs)
-        counters: dict[str, int] = {}
-
-        def one_chunk(sub, again):
-            for name, n in stage_counters(_run_pipeline(sub, again, beam_args)).items():
-                counters[name] = counters.get(name, 0) + n
-
-        manifest = chunks.run_chunks(out, plan, parts, one_chunk)
-        return {**manifest, "stage_counters": dict(sorted(counters.items()))}
+        pool = 1 if sets_direct_options(beam_args) else workers  # the user's own Beam mode, chunk by chunk
+        run_chunk = functools.partial(_run_chunk, beam_args=beam_args if pool > 1 else worker_args(workers, beam_args))
+        manifest, counters = chunks.run_chunks(out, plan, parts, run_chunk, workers=pool)
+        return {**manifest, "stage_counters": counters}
+    if local:
+        beam_args = worker_args(workers, beam_args)
     result = _run_pipeline(plan, resume, beam_args, wait=wait)
     if not wait:
         return None
@@ -173,6 +174,12 @@ def run(
     elif resume is not None:
         manifest = {**manifest, "resumed": {"kept_shards": len(resume.shards), "kept_samples": len(resume.done_keys)}}
     return manifest
+
+
+def _run_chunk(plan, resume, beam_args: Sequence[str]) -> dict[str, int]:
+    """One chunk of a chunked run (pipeline/chunks.py), in this process or a chunk worker's:
+    its stage counters."""
+    return stage_counters(_run_pipeline(plan, resume, beam_args))
 
 
 def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):

@@ -122,3 +122,39 @@ def test_exact_duplicate_across_chunks_is_found(demo, tiny_cache, tmp_path):
     assert chunked["identity"]["exact_duplicates"] == one["identity"]["exact_duplicates"]
     assert_same_output(str(tmp_path / "one"), out)
     _same_manifest(chunked, one)
+
+
+def test_chunks_on_two_worker_processes_are_byte_identical_to_one_job(pipeline_run, demo, tiny_cache, tmp_path,
+                                                                       monkeypatch):
+    """`--workers 2` on a chunked run: two long-lived chunk processes, each taking chunks as it
+    finishes the last (pipeline/chunks.py: chunk_pool). Same bytes as one job; the stage counters
+    are every chunk's, summed; both processes ran chunks, and each loaded its models once."""
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    monkeypatch.setenv("PREP_PROGRESS", str(progress))  # each process leaves its counts there
+    out = str(tmp_path / "pool")
+    manifest = run(demo_config(demo, out, tiny_cache, chunk_inputs=5, workers=2), [])
+    assert_same_output(pipeline_run["out"], out)
+    _same_manifest(manifest, pipeline_run["manifest"])
+    sequential = run(demo_config(demo, str(tmp_path / "sequential"), tiny_cache, chunk_inputs=5, workers=1), [])
+    assert manifest["stage_counters"] == sequential["stage_counters"]
+    per_sample = lambda counters: {k: v for k, v in counters.items() if not k.endswith("_shards")}  # noqa: E731
+    assert per_sample(manifest["stage_counters"]) == per_sample(pipeline_run["manifest"]["stage_counters"])
+    reports = [json.loads(p.read_text()) for p in progress.glob("*.json")]
+    workers = [r for r in reports if r["pid"] != os.getpid() and r["counts"]]
+    assert len(workers) == 2
+    assert sum(w["counts"].get("embed.ok", 0) for w in workers) == manifest["stage_counters"]["embed.ok"]
+    planned = read_chunk_plan(out)
+    assert planned is None  # removed after the stitch
+
+
+def test_a_chunked_run_loads_each_model_once_per_process(demo, tiny_cache, tmp_path, monkeypatch):
+    """Sequential chunks share this process's models (transforms/inference.py: keep_models)."""
+    from prep.transforms import embed, mask
+
+    loads = []
+    for module, name in ((mask, "new_rembg_session"), (embed, "load_clip")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: loads.append(_n) or _o(*a, **k))
+    run(demo_config(demo, str(tmp_path / "out"), tiny_cache, chunk_inputs=5), [])
+    assert sorted(loads) == ["load_clip", "new_rembg_session"]  # not once per chunk (there are more than 3)

@@ -30,17 +30,26 @@ BatchElements for up to `PIPELINE_CHUNKS` model batches per call, submit every e
 elements, padded as above) while the pool prepares chunks k+1, ... Outputs are matched to
 their elements by position, so the order and bytes of the results are those of the serial
 path; an element whose prepare raises still dead-letters alone.
+
+Models kept across pipelines: RunInference loads a model once per pipeline (its `Shared`
+handle belongs to the DoFn instance, new in every pipeline). A chunked local run
+(pipeline/chunks.py) runs one pipeline per chunk in the same process, so inside
+`keep_models()` a stage's loaded model is kept and handed to the next pipeline's identical
+handler (same class and same pickled configuration) instead of being loaded again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
+import pickle
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, Iterable, Optional, Sequence, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
@@ -233,16 +242,60 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
                     results[i] = Reject(DeadLetterKind.INFERENCE_FAILED, f"inference failed: {_describe(exc)}")
 
 
+_kept_lock = threading.Lock()
+_kept: Optional[dict[str, Any]] = None  # model key -> loaded model, inside keep_models()
+
+
+@contextlib.contextmanager
+def keep_models() -> Iterator[dict[str, Any]]:
+    """Within this block, a loaded model is kept and reused by identical handlers of later
+    pipelines in this process (a chunked run's chunks); released when the block ends."""
+    global _kept
+    with _kept_lock:
+        outer = _kept
+        if outer is None:
+            _kept = {}
+        kept = _kept
+    try:
+        yield kept
+    finally:
+        if outer is None:
+            with _kept_lock:
+                _kept = None
+
+
+def model_key(handler: "StageHandler") -> Optional[str]:
+    """What identifies a handler's model: its class and its pickled configuration (None: not
+    picklable, so never shared)."""
+    try:
+        state = pickle.dumps((type(handler).__module__, type(handler).__qualname__,
+                              sorted(handler.__getstate__().items())), protocol=4)
+    except Exception:  # noqa: BLE001 - an unpicklable handler just loads its own model
+        return None
+    return hashlib.sha256(state).hexdigest()
+
+
 def _timed_load(load):
     @functools.wraps(load)
     def timed(self):
+        key = model_key(self) if _kept is not None else None
+        if key is not None:
+            with _kept_lock:
+                kept = _kept.get(key) if _kept is not None else None
+            if kept is not None:
+                return kept
         label = self.model_label()
         if label is None:
-            return load(self)
-        progress_load(self.stage, label)
-        start = time.monotonic()
-        model = load(self)
-        progress_load(self.stage, label, time.monotonic() - start)
+            model = load(self)
+        else:
+            progress_load(self.stage, label)
+            start = time.monotonic()
+            model = load(self)
+            progress_load(self.stage, label, time.monotonic() - start)
+        if key is not None:
+            with _kept_lock:
+                if _kept is not None:
+                    _kept[key] = model
         return model
 
     timed._timed = True
