@@ -54,7 +54,7 @@ from prep.pipeline.local import SAMPLES_PER_TAR_GUESS, thread_environment
 from prep.pipeline.outputs import build_manifest, dead_letter_lines, write_run_outputs
 from prep.schemas import contract, output
 from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo, SourceItem
-from prep.transforms.inference import keep_models
+from prep.transforms.inference import keep_models, keep_models_in_this_process
 from prep.transforms.pair import IdentityTotals, identity_group
 from prep.transforms.write import ShardRow, members_tar_bytes, write_shard_files
 
@@ -232,7 +232,7 @@ def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Calla
 
 def _keep_models_in_worker() -> None:
     """A chunk worker's initializer: its models stay loaded from one chunk to the next."""
-    keep_models().__enter__()
+    keep_models_in_this_process()
 
 
 @contextlib.contextmanager

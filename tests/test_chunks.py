@@ -158,3 +158,17 @@ def test_a_chunked_run_loads_each_model_once_per_process(demo, tiny_cache, tmp_p
         monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: loads.append(_n) or _o(*a, **k))
     run(demo_config(demo, str(tmp_path / "out"), tiny_cache, chunk_inputs=5), [])
     assert sorted(loads) == ["load_clip", "new_rembg_session"]  # not once per chunk (there are more than 3)
+
+
+def test_a_chunk_worker_keeps_its_models_for_its_whole_life(monkeypatch):
+    """The pool's initializer (run in each chunk worker) leaves the model cache on, also after a
+    garbage collection (a generator context entered and dropped would have switched it off)."""
+    import gc
+
+    from prep.pipeline import chunks
+    from prep.transforms import inference
+
+    monkeypatch.setattr(inference, "_kept", None)
+    chunks._keep_models_in_worker()
+    gc.collect()
+    assert inference._kept == {}

@@ -264,6 +264,14 @@ def keep_models() -> Iterator[dict[str, Any]]:
                 _kept = None
 
 
+def keep_models_in_this_process() -> None:
+    """keep_models() for the rest of this process's life (a chunk worker's)."""
+    global _kept
+    with _kept_lock:
+        if _kept is None:
+            _kept = {}
+
+
 def model_key(handler: "StageHandler") -> Optional[str]:
     """What identifies a handler's model: its class and its pickled configuration (None: not
     picklable, so never shared)."""
