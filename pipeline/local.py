@@ -1,8 +1,9 @@
 """Local runs on every core (`prep run --workers N`), and the guard against Beam's
 multi_threading mode.
 
-`--workers N` (N > 1, no `--runner`) runs the in-memory FnApiRunner in Beam's
-multi_processing mode: N SDK worker processes (`python -m apache_beam.runners.worker.sdk_worker_main`,
+A chunked run (pipeline/chunks.py) with `--workers N` runs N chunks at a time in N processes
+of its own (`chunk_pool`, with `thread_environment`). One job with `--workers N` (N > 1, no
+`--runner`) runs the in-memory FnApiRunner in Beam's multi_processing mode: N SDK worker processes (`python -m apache_beam.runners.worker.sdk_worker_main`,
 started by `subprocess.Popen` with a copy of the launcher's `os.environ` when the pipeline
 starts). So the per-worker thread counts are environment variables set around `p.run()`:
 `OMP_NUM_THREADS` / `MKL_NUM_THREADS` / `OPENBLAS_NUM_THREADS` (torch sizes its intra-op pool
