@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 from typing import Optional, Sequence
 
 import apache_beam as beam
@@ -176,15 +178,23 @@ def run(
 
 
 def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
-    """Build the plan's pipeline and run it (waiting for it unless `wait` is False)."""
+    """Build the plan's pipeline and run it (waiting for it unless `wait` is False).
+
+    A local run that waits pairs through files in a temporary folder, removed when the run
+    ends (`PairByIdentity(spill_dir=)`: its workers all share this machine's disk, and the
+    in-memory runner holds a grouping several times over in memory)."""
     options = PipelineOptions(list(beam_args))
     runner = make_runner(options)
-    p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, plan, resume)
-    with worker_environment(options):  # thread counts the SDK worker processes inherit
-        result = p.run()
-    if wait:
-        result.wait_until_finish()
+    with contextlib.ExitStack() as stack:
+        pair_spill = None
+        if wait and is_local(options):
+            pair_spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="prep-pair-"))
+        p = beam.Pipeline(runner=runner, options=options)
+        build_pipeline(p, plan, resume, pair_spill=pair_spill)
+        with worker_environment(options):  # thread counts the SDK worker processes inherit
+            result = p.run()
+        if wait:
+            result.wait_until_finish()
     return result
 
 
