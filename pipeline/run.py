@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import tempfile
 from typing import Optional, Sequence
 
@@ -177,18 +179,45 @@ def run(
     return manifest
 
 
+PAIR_SPILL_PREFIX = "prep-pair-"  # then the pid of the run that made it
+
+
+def remove_orphaned_spills(root: str) -> list[str]:
+    """Remove the pairing folders in `root` that a killed run left (its process is gone: a
+    SIGKILL skips the run's own cleanup); returns their paths. Folders of live runs stay."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        pid = name[len(PAIR_SPILL_PREFIX):].split("-", 1)[0] if name.startswith(PAIR_SPILL_PREFIX) else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
     """Build the plan's pipeline and run it (waiting for it unless `wait` is False).
 
     A local run that waits pairs through files in a temporary folder, removed when the run
     ends (`PairByIdentity(spill_dir=)`: its workers all share this machine's disk, and the
-    in-memory runner holds a grouping several times over in memory)."""
+    in-memory runner holds a grouping several times over in memory); a killed run's folder
+    goes at the next local run (`remove_orphaned_spills`)."""
     options = PipelineOptions(list(beam_args))
     runner = make_runner(options)
     with contextlib.ExitStack() as stack:
         pair_spill = None
         if wait and is_local(options):
-            pair_spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="prep-pair-"))
+            remove_orphaned_spills(tempfile.gettempdir())
+            pair_spill = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PAIR_SPILL_PREFIX}{os.getpid()}-"))
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan, resume, pair_spill=pair_spill)
         with worker_environment(options):  # thread counts the SDK worker processes inherit

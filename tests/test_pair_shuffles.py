@@ -236,3 +236,20 @@ def test_a_local_run_pairs_through_a_folder_it_removes(monkeypatch):
     monkeypatch.setattr(run_module, "build_pipeline", build)
     run_module._run_pipeline(None, None, [])
     assert len(seen) == 1 and not os.path.exists(seen[0])
+
+
+def test_a_killed_runs_pairing_folder_goes_at_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    from prep.pipeline.run import PAIR_SPILL_PREFIX, remove_orphaned_spills
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{PAIR_SPILL_PREFIX}{int(gone.stdout)}-abc"  # its process has exited
+    live = tmp_path / f"{PAIR_SPILL_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "prep-pairing-notes"
+    for folder in (orphan, live, other):
+        folder.mkdir()
+        (folder / "000-x.members").write_bytes(b"x")
+    assert remove_orphaned_spills(str(tmp_path)) == [str(orphan)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
