@@ -13,6 +13,10 @@ Variants, each in a fresh process so that their peak RSS are separate:
          refs gathered by fancy indexing. The floor for this work on one core.
   beam   `prep.transforms.pair.PairByIdentity` on Beam's in-memory FnApiRunner, fed minimal
          `Sample`s (key, source, domain, path, identity, embedding) made inside the pipeline.
+         `--pair-shuffle files` (the default) pairs through files in a temporary folder, as
+         every local `prep run` does (pipeline/run.py); `--pair-shuffle beam` through Beam's
+         GroupByKey, as on Dataflow (and as every local run did before; with `--pair-impl`
+         of an older pair.py, which has no `spill_dir`, use `beam`).
          (`--direct-running-mode multi_threading` is kept to show Beam's bug: at this size it
          lost 718 of 202,599 samples or failed with `Invalid PaneInfoEncoding`. The cause is
          Beam's, not PairByIdentity's: multi_threading workers flush their data streams from a
@@ -266,13 +270,17 @@ def run_beam(rows: list[tuple[str, str]], args) -> dict:
     beam_args = [f"--direct_running_mode={args.direct_running_mode}", f"--direct_num_workers={args.direct_num_workers}"]
     with tempfile.TemporaryDirectory(prefix="bench-pairing-") as tmp:
         out = os.path.join(tmp, "summary.json")
+        pair_kwargs = {}
+        if args.pair_shuffle == "files":  # as local `prep run`s pair (pipeline/run.py)
+            pair_kwargs["spill_dir"] = os.path.join(tmp, "pair-spill")
+            os.mkdir(pair_kwargs["spill_dir"])
         start = time.perf_counter()
         p = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args))
         (
             p
             | "Chunks" >> beam.Create([encode_chunk(c) for c in chunks(rows)])
             | "MakeSamples" >> beam.FlatMap(make_samples, dim=args.dim, seed=args.seed)
-            | "Pair" >> PairByIdentity(args.k, args.seed, args.dim)
+            | "Pair" >> PairByIdentity(args.k, args.seed, args.dim, **pair_kwargs)
             | "Summarize" >> beam.CombineGlobally(_summary_combine_fn(args.check_every))
             | "WriteSummary" >> beam.Map(_write_json, path=out)
         )
@@ -321,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direct-running-mode", default="in_memory", choices=["in_memory", "multi_threading", "multi_processing"])
     parser.add_argument("--direct-num-workers", type=int, default=1)
     parser.add_argument("--pair-impl", default=None, help="a file defining PairByIdentity to run instead of prep's")
+    parser.add_argument("--pair-shuffle", default="files", choices=["files", "beam"],
+                        help="files: members spilled to local files, as local runs pair; beam: Beam's grouping, as on Dataflow")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -336,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passthrough = [
         f"--identity-file={args.identity_file}", f"--dim={args.dim}", f"--k={args.k}", f"--seed={args.seed}",
         f"--check-every={args.check_every}", f"--direct-running-mode={args.direct_running_mode}",
-        f"--direct-num-workers={args.direct_num_workers}",
+        f"--direct-num-workers={args.direct_num_workers}", f"--pair-shuffle={args.pair_shuffle}",
     ] + ([f"--limit={args.limit}"] if args.limit else []) + ([f"--pair-impl={args.pair_impl}"] if args.pair_impl else [])
     results = {}
     for variant in variants:
@@ -345,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r["peak_rss_mb"] = run.peak_rss_mb
         results[variant] = r
         line = {
-            "variant": variant + ("" if variant == "numpy" else f"[{args.direct_running_mode}x{args.direct_num_workers}]"),
+            "variant": variant + ("" if variant == "numpy" else f"[{args.direct_running_mode}x{args.direct_num_workers},{args.pair_shuffle}]"),
             "samples": r["summary"]["count"],
             "complete": r["summary"]["count"] == r["inputs"],
             "without_refs": r["summary"]["without_refs"],

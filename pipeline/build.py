@@ -324,9 +324,12 @@ class _SkipDone(beam.DoFn):
             yield sample
 
 
-def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuation] = None) -> None:
+def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuation] = None,
+                   pair_spill: Optional[str] = None) -> None:
     """The paper's steps, top to bottom. `resume` (a killed run, or --retry-dead-letter) only
-    says what to skip at ingest and what the writers and the manifest add; see pipeline/resume.py (Resume, Retry)."""
+    says what to skip at ingest and what the writers and the manifest add; see pipeline/resume.py (Resume, Retry).
+    `pair_spill`: a local folder every worker shares, for pairing's file shuffle (local runs;
+    None: Beam's grouping, as on Dataflow)."""
     cfg = plan.config
     resume = resume or Continuation()
     samples, letters, streamed_inputs = _ingest(p, plan, resume)
@@ -369,7 +372,7 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         specific, dropped = specific | "DropDuplicates" >> DropListed(listed, "exact_duplicates")
         letters.append(dropped)
     pair = PairByIdentity(cfg.refs_per_sample, cfg.seed, plan.dim, done=resume.specific, mode=plan.models.identity,
-                          thresholds=plan.models.thresholds, strategy=cfg.ref_strategy)
+                          thresholds=plan.models.thresholds, strategy=cfg.ref_strategy, spill_dir=pair_spill)
     refs = specific | "Pair" >> pair
     if cfg.identity_outliers == "drop":
         outliers = refs | "Outliers" >> beam.Filter(is_outlier) | "OutlierLetters" >> beam.Map(outlier_letter)

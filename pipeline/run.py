@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import shutil
+import tempfile
 from typing import Optional, Sequence
 
 import apache_beam as beam
@@ -176,6 +180,31 @@ def run(
     return manifest
 
 
+PAIR_SPILL_PREFIX = "prep-pair-"  # then the pid of the run that made it
+
+
+def remove_orphaned_spills(root: str) -> list[str]:
+    """Remove the pairing folders in `root` that a killed run left (its process is gone: a
+    SIGKILL skips the run's own cleanup); returns their paths. Folders of live runs stay."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        pid = name[len(PAIR_SPILL_PREFIX):].split("-", 1)[0] if name.startswith(PAIR_SPILL_PREFIX) else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _run_chunk(plan, resume, beam_args: Sequence[str]) -> dict[str, int]:
     """One chunk of a chunked run (pipeline/chunks.py), in this process or a chunk worker's:
     its stage counters."""
@@ -183,15 +212,25 @@ def _run_chunk(plan, resume, beam_args: Sequence[str]) -> dict[str, int]:
 
 
 def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
-    """Build the plan's pipeline and run it (waiting for it unless `wait` is False)."""
+    """Build the plan's pipeline and run it (waiting for it unless `wait` is False).
+
+    A local run that waits pairs through files in a temporary folder, removed when the run
+    ends (`PairByIdentity(spill_dir=)`: its workers all share this machine's disk, and the
+    in-memory runner holds a grouping several times over in memory); a killed run's folder
+    goes at the next local run (`remove_orphaned_spills`)."""
     options = PipelineOptions(list(beam_args))
     runner = make_runner(options)
-    p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, plan, resume)
-    with worker_environment(options):  # thread counts the SDK worker processes inherit
-        result = p.run()
-    if wait:
-        result.wait_until_finish()
+    with contextlib.ExitStack() as stack:
+        pair_spill = None
+        if wait and is_local(options):
+            remove_orphaned_spills(tempfile.gettempdir())
+            pair_spill = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PAIR_SPILL_PREFIX}{os.getpid()}-"))
+        p = beam.Pipeline(runner=runner, options=options)
+        build_pipeline(p, plan, resume, pair_spill=pair_spill)
+        with worker_environment(options):  # thread counts the SDK worker processes inherit
+            result = p.run()
+        if wait:
+            result.wait_until_finish()
     return result
 
 

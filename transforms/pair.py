@@ -11,9 +11,21 @@ ref arrays one, and the small records one. Two earlier shapes each shuffled the 
 joining the refs back by key (plus the write), and grouping whole samples by identity (which
 also puts every image of a huge identity through one worker).
 
-Memory per group: a group holds its members' (key, embedding) pairs: CelebA's largest identity
-has 35 images; a single huge identity (a `folder:` class of millions of images) is one
-straggler key holding ~3 KB per image (D=768), never its images.
+Two shuffles, the same groups and refs (tests/test_pair_shuffles.py):
+- Beam's (`spill_dir` None; Dataflow): a GroupByKey of one `Member` per image.
+- Files (`spill_dir`, local runs, whose workers share one disk): each bundle appends its
+  members' records (a small pickled head, then the raw float32 embedding) to one file per
+  bucket of identities (a stable hash, 64 buckets) and emits only the file names, once its
+  files are complete; a GroupByKey of those names, then each bucket's files are read and
+  grouped by identity. Beam's in-memory runner holds a grouping several times over (decoded
+  in its table, encoded for the next stage, and copied again on the way to the worker): for
+  CelebA's 202,599 embeddings of 3 KB (620 MB) that was 3.5 GB peak and most of the time
+  (bench/pairing.py); through files it is one bucket at a time.
+
+Memory per group: a group holds its members' (key, embedding) pairs, the embeddings stacked
+in one float32 block (`MemberBatch`): CelebA's largest identity has 35 images; a single huge
+identity (a `folder:` class of millions of images) is one straggler key holding ~3 KB per
+image (D=768), never its images.
 
 Choosing refs costs O(K) per member after one sort per group (`_GroupRefs`), not a sort of
 the whole group per member, and picks exactly what `choose_refs` picks.
@@ -26,7 +38,11 @@ sample gets exactly the refs an uninterrupted run gives it, and get no refs them
 from __future__ import annotations
 
 import itertools
+import os
+import pickle
 import random
+import struct
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -36,7 +52,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from prep.schemas.records import DeadLetterKind, Sample
-from prep.transforms.common import METRICS_NAMESPACE, counter
+from prep.transforms.common import METRICS_NAMESPACE, counter, stable_hash
 from prep.transforms.verify import (
     OUTLIER,
     RANDOM,
@@ -83,37 +99,22 @@ class _AllBut(Sequence):
 
 
 class _GroupRefs:
-    """Refs within one identity group: `refs(key)` -> (ref_keys, refs[len, D] float32)."""
+    """Refs within one identity group: `ref_keys(key)` -> up to K other keys of the group,
+    exactly `choose_refs(key, keys, k, seed)`, after one sort of the group."""
 
-    def __init__(self, members: Iterable[tuple[str, np.ndarray]], k: int, seed: int, dim: int):
-        self._k, self._seed, self._dim = k, seed, dim
-        self._embeddings: dict[str, np.ndarray] = {}
-        for key, embedding in members:
-            if key in self._embeddings:
-                raise ValueError(f"pairing found sample key {key!r} twice in one identity group: keys must be unique")
-            self._embeddings[key] = embedding
-        self._sorted = sorted(self._embeddings)
+    def __init__(self, keys: Sequence[str], k: int, seed: int):
+        self._k, self._seed = k, seed
+        self._sorted = sorted(keys)
         self._position = {key: i for i, key in enumerate(self._sorted)}
 
     def __len__(self) -> int:
         return len(self._sorted)
-
-    def members(self) -> Iterator[str]:
-        """The keys in the order they were given."""
-        return iter(self._embeddings)
 
     def ref_keys(self, key: str) -> list[str]:
         others = _AllBut(self._sorted, self._position[key])
         if len(others) <= self._k:
             return list(others)
         return random.Random(f"{self._seed}:{key}").sample(others, self._k)
-
-    def refs(self, key: str) -> tuple[tuple[str, ...], np.ndarray]:
-        ref_keys = self.ref_keys(key)
-        if not ref_keys:
-            return (), np.zeros((0, self._dim), np.float32)
-        refs = np.stack([self._embeddings[r] for r in ref_keys]).astype(np.float32, copy=False)
-        return tuple(ref_keys), refs
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,18 @@ def identity_group(source: str, identity: str) -> str:
     return f"{source}:{identity}"
 
 
-def _member(sample: Sample, modes: dict[str, str]) -> tuple[str, Member]:
-    from prep.transforms.identity import candidate
-
+def _member(sample: Sample, modes: dict[str, str], verified: frozenset[str] = frozenset()) -> tuple[str, Member]:
+    """(identity group, Member); the verification `candidate` only for the modes in `verified`
+    (the others never read it)."""
     if sample.identity is None:
         raise ValueError(f"sample {sample.key!r} reached pairing without an identity")
-    return identity_group(sample.source, sample.identity), Member(
-        sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode_of(modes, sample.source))
-    )
+    mode = mode_of(modes, sample.source)
+    if mode in verified:
+        from prep.transforms.identity import candidate  # (imports the face models' modules)
+
+        return identity_group(sample.source, sample.identity), Member(
+            sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode))
+    return identity_group(sample.source, sample.identity), Member(sample.key, sample.embedding, sample.split)
 
 
 def mode_of(modes: dict[str, str], source: str) -> str:
@@ -180,12 +185,172 @@ def _written_member(entry) -> tuple[str, Member]:
     )
 
 
+class MemberBatch:
+    """The members of one identity group as `_PickRefs` reads them: parallel lists, and their
+    embeddings stacked into one float32 block (row i is `keys[i]`'s), so that a sample's refs
+    are one fancy-indexed copy. The order is the order the members came in; nothing depends
+    on it (refs are chosen over the sorted keys, verification sees the group sorted by key)."""
+
+    __slots__ = ("keys", "splits", "written", "candidates", "_rows", "_block")
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.splits: list[Optional[str]] = []
+        self.written: list[bool] = []
+        self.candidates: list[Optional[Candidate]] = []
+        self._rows: list[np.ndarray] = []
+        self._block: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, member: Member) -> None:
+        if member.embedding is None:
+            raise ValueError(f"sample {member.key!r} reached pairing without an embedding")
+        self.add_fields(member.key, member.split, member.written, member.candidate, member.embedding)
+
+    def add_fields(self, key: str, split: Optional[str], written: bool, candidate: Optional[Candidate],
+                   embedding: np.ndarray) -> None:
+        self.keys.append(key)
+        self.splits.append(split)
+        self.written.append(written)
+        self.candidates.append(candidate)
+        self._rows.append(embedding)
+        self._block = None
+
+    def embeddings(self) -> np.ndarray:
+        """float32 [len, ...]: row i is keys[i]'s embedding."""
+        if self._block is None:
+            self._block = np.stack(self._rows).astype(np.float32, copy=False)
+        return self._block
+
+
+def batch_members(element: tuple[str, Iterable[Member]]) -> tuple[str, MemberBatch]:
+    """(identity, grouped Members) -> (identity, MemberBatch)."""
+    identity, members = element
+    batch = MemberBatch()
+    for member in members:
+        batch.add(member)
+    return identity, batch
+
+
+# -- the local shuffle: members spilled to files, only file names through Beam's grouping -----
+
+SPILL_BUCKETS = 64  # files per bundle at most; a reader holds one bucket (~1/64 of the members)
+_RECORD = struct.Struct("<II")  # a member record: head length, embedding bytes; then both
+
+
+def _spill_bucket(identity: str, buckets: int) -> int:
+    return stable_hash(identity, "pair-spill") % buckets
+
+
+class _SpillMembers(beam.DoFn):
+    """(identity, Member) -> records appended to one file per (bundle, bucket of identities)
+    in `folder`; at the end of the bundle, (bucket, path) for each file it wrote.
+
+    Exactly once: a file is written under a `.part` name and renamed when complete, and the
+    names leave the bundle only in `finish_bundle`, so the files of a failed or retried
+    bundle are never read. Everything in `folder` goes when its owner removes it."""
+
+    def __init__(self, folder: str, buckets: int = SPILL_BUCKETS):
+        self._folder, self._buckets = folder, buckets
+        self._files: dict = {}
+
+    def start_bundle(self):
+        self._close_parts()
+        self._bundle = uuid.uuid4().hex
+
+    def _path(self, bucket: int) -> str:
+        return os.path.join(self._folder, f"{bucket:03d}-{self._bundle}.members")
+
+    def process(self, element: tuple[str, Member]):
+        identity, member = element
+        if member.embedding is None:
+            raise ValueError(f"sample {member.key!r} reached pairing without an embedding")
+        bucket = _spill_bucket(identity, self._buckets)
+        f = self._files.get(bucket)
+        if f is None:
+            f = self._files[bucket] = open(self._path(bucket) + ".part", "wb", buffering=1 << 20)
+        vector = np.ascontiguousarray(member.embedding, dtype=np.float32)
+        head = pickle.dumps((identity, member.key, member.split, member.written, member.candidate, vector.shape),
+                            pickle.HIGHEST_PROTOCOL)
+        f.write(_RECORD.pack(len(head), vector.nbytes))
+        f.write(head)
+        f.write(vector.data)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        files, self._files = self._files, {}
+        for bucket, f in sorted(files.items()):
+            f.close()
+            os.replace(f.name, self._path(bucket))
+            yield GlobalWindows.windowed_value((bucket, self._path(bucket)))
+
+    def teardown(self):
+        self._close_parts()
+
+    def _close_parts(self):
+        for f in self._files.values():  # a failed bundle's: left as .part, never read
+            f.close()
+        self._files = {}
+
+
+def _spill_records(path: str, data: bytes) -> Iterator[tuple[tuple, np.ndarray]]:
+    """The (head, embedding) records of one spill file; ValueError if it is cut short."""
+    if not data:  # a file is created for its first record
+        raise ValueError(f"{path}: truncated pairing spill file (empty)")
+    view, pos = memoryview(data), 0
+    while pos < len(data):
+        if pos + _RECORD.size > len(data):
+            raise ValueError(f"{path}: truncated pairing spill file (a record header at byte {pos})")
+        head_size, size = _RECORD.unpack_from(data, pos)
+        pos += _RECORD.size
+        try:
+            head = pickle.loads(view[pos : pos + head_size])
+            shape = tuple(head[5])
+        except Exception as e:
+            raise ValueError(f"{path}: truncated pairing spill file (a record head at byte {pos}: {e})") from e
+        pos += head_size
+        if pos + size > len(data) or size != 4 * int(np.prod(shape)):
+            raise ValueError(f"{path}: truncated pairing spill file (the embedding of {head[1]!r})")
+        yield head, np.frombuffer(data, np.float32, count=size // 4, offset=pos).reshape(shape)
+        pos += size
+
+
+def read_spilled(element: tuple[int, Iterable[str]]) -> Iterator[tuple[str, MemberBatch]]:
+    """(bucket, paths) -> (identity, MemberBatch) for every identity in the bucket's files."""
+    _bucket, paths = element
+    groups: dict[str, MemberBatch] = {}
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            data = f.read()
+        for (identity, key, split, written, candidate, _shape), embedding in _spill_records(path, data):
+            batch = groups.get(identity)
+            if batch is None:
+                batch = groups[identity] = MemberBatch()
+            batch.add_fields(key, split, written, candidate, embedding)
+    for identity in list(groups):
+        batch = groups.pop(identity)
+        batch.embeddings()  # one copy into the group's block: the batch no longer needs the files' bytes
+        yield identity, batch
+
+
+def _duplicate_key(keys: Sequence[str]) -> Optional[str]:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
 class _PickRefs(beam.DoFn):
-    """(identity, members) -> (key, Refs) for each member that is not already written.
+    """(identity, MemberBatch) -> (key, Refs) for each member that is not already written.
 
     Without an identity model the refs are `_GroupRefs`' seeded random choice among all
     others (O(K) per member). With one, `verify_group` decides the verdicts, near-duplicates
-    and refs of the whole group (see transforms/verify.py)."""
+    and refs of the whole group (see transforms/verify.py), over the group sorted by key."""
 
     def __init__(self, k: int, seed: int, dim: int, modes: dict[str, str], thresholds: dict[str, Thresholds],
                  strategy: str = RANDOM):
@@ -196,37 +361,44 @@ class _PickRefs(beam.DoFn):
         self._outliers = counter(STAGE, "outliers")
         self._group_size = Metrics.distribution(METRICS_NAMESPACE, f"{STAGE}.group_size")
 
-    def process(self, element: tuple[str, Iterable[Member]]):
-        identity, members = element
-        members = list(members)  # small records: keys and embeddings only
+    def _gather(self, embeddings: np.ndarray, row: dict[str, int], ref_keys: Sequence[str]) -> np.ndarray:
+        if not ref_keys:
+            return np.zeros((0, self._dim), np.float32)
+        return embeddings[[row[r] for r in ref_keys]]  # a copy: a Refs never holds the whole group
+
+    def process(self, element: tuple[str, MemberBatch]):
+        identity, batch = element
+        keys = batch.keys
+        row = {key: i for i, key in enumerate(keys)}
+        if len(row) != len(keys):
+            raise ValueError(f"pairing found sample key {_duplicate_key(keys)!r} twice in one identity group: "
+                             f"keys must be unique")
+        embeddings = batch.embeddings()
         self._groups.inc()
-        self._group_size.update(len(members))
-        if len(members) == 1:
+        self._group_size.update(len(keys))
+        if len(keys) == 1:
             self._singletons.inc()
         thresholds = self._thresholds.get(mode_of(self._modes, identity.split(":", 1)[0]))
         if thresholds is None:
-            group = _GroupRefs(((m.key, m.embedding) for m in members), self._k, self._seed, self._dim)
-            for member in members:
-                if not member.written:
-                    ref_keys, refs = group.refs(member.key)
-                    yield member.key, Refs(ref_keys, refs, member.split)
+            group = _GroupRefs(keys, self._k, self._seed)
+            for key, split, written in zip(keys, batch.splits, batch.written):
+                if not written:
+                    ref_keys = group.ref_keys(key)
+                    yield key, Refs(tuple(ref_keys), self._gather(embeddings, row, ref_keys), split)
             return
-        verdicts = verify_group([m.candidate for m in members], k=self._k, seed=self._seed,
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        verdicts = verify_group([batch.candidates[i] for i in order], k=self._k, seed=self._seed,
                                 thresholds=thresholds, strategy=self._strategy)
         yield beam.pvalue.TaggedOutput(GROUPS, group_summary(verdicts))
-        embeddings = {m.key: m.embedding for m in members}
-        for member, verdict in zip(members, verdicts):
-            if member.written:
+        for i, verdict in zip(order, verdicts):
+            if batch.written[i]:
                 continue
             reason = None
             if verdict.status == OUTLIER:
                 self._outliers.inc()
                 reason = outlier_reason(verdict, thresholds.same)
-            if verdict.ref_keys:
-                refs = np.stack([embeddings[r] for r in verdict.ref_keys]).astype(np.float32, copy=False)
-            else:
-                refs = np.zeros((0, self._dim), np.float32)
-            yield member.key, Refs(verdict.ref_keys, refs, member.split, verdict, reason)
+            refs = self._gather(embeddings, row, verdict.ref_keys)
+            yield keys[i], Refs(verdict.ref_keys, refs, batch.splits[i], verdict, reason)
 
 
 def is_outlier(entry: tuple[str, Refs]) -> bool:
@@ -309,11 +481,15 @@ class PairByIdentity(beam.PTransform):
     is "random" (seeded, the paper's) or "diverse" (farthest-first). After application,
     `.groups` is the PCollection of one GroupSummary per identity (every member, written ones
     included, so a resumed run counts as an uninterrupted one does), for `IdentityTotals`.
+
+    `spill_dir`: an existing folder on a disk every worker shares (a local run): the members
+    are shuffled through files there instead of Beam's grouping (see the module's docstring);
+    its owner removes it after the run. The output is the same either way.
     """
 
     def __init__(
         self, refs_per_sample: int, seed: int, dim: int, done: Sequence = (), *, mode="none",
-        thresholds=None, strategy: str = RANDOM,
+        thresholds=None, strategy: str = RANDOM, spill_dir: Optional[str] = None,
     ):
         super().__init__()
         if refs_per_sample < 0:
@@ -327,22 +503,42 @@ class PairByIdentity(beam.PTransform):
             thresholds = {m: thresholds for m in set(self._modes.values())}
         self._thresholds = {m: t for m, t in (thresholds or {}).items() if m != "none"}
         self._strategy = strategy
+        self._spill_dir = spill_dir
 
     def expand(self, samples):
-        members = samples | "KeyByIdentity" >> beam.Map(_member, modes=self._modes).with_output_types(tuple[str, Member])
+        verified = frozenset(self._thresholds)
+        members = samples | "KeyByIdentity" >> beam.Map(_member, modes=self._modes, verified=verified).with_output_types(
+            tuple[str, Member])
+        written = None
         if self._done:
             written = (
                 samples.pipeline
                 | "ListWritten" >> beam.Create(self._done)
                 | "KeyWrittenByIdentity" >> beam.Map(_written_member).with_output_types(tuple[str, Member])
             )
-            members = (members, written) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, Member])
-        picked = (
-            members
-            | "GroupByIdentity" >> beam.GroupByKey()
-            | "PickRefs" >> beam.ParDo(_PickRefs(self._k, self._seed, self._dim, self._modes, self._thresholds, self._strategy))
-            .with_outputs(GROUPS, main="refs")
-        )
+        if self._spill_dir is None:
+            if written is not None:
+                members = (members, written) | "WithWritten" >> beam.Flatten().with_output_types(tuple[str, Member])
+            batches = (
+                members
+                | "GroupByIdentity" >> beam.GroupByKey()
+                | "BatchMembers" >> beam.Map(batch_members).with_output_types(tuple[str, MemberBatch])
+            )
+        else:
+            files = members | "SpillMembers" >> beam.ParDo(_SpillMembers(self._spill_dir)).with_output_types(tuple[int, str])
+            if written is not None:
+                files = (
+                    files,
+                    written | "SpillWritten" >> beam.ParDo(_SpillMembers(self._spill_dir)).with_output_types(tuple[int, str]),
+                ) | "SpilledFiles" >> beam.Flatten().with_output_types(tuple[int, str])
+            batches = (
+                files
+                | "GroupSpilledFiles" >> beam.GroupByKey()
+                | "ReadSpilled" >> beam.FlatMap(read_spilled).with_output_types(tuple[str, MemberBatch])
+            )
+        picked = batches | "PickRefs" >> beam.ParDo(
+            _PickRefs(self._k, self._seed, self._dim, self._modes, self._thresholds, self._strategy)
+        ).with_outputs(GROUPS, main="refs")
         self.groups = picked[GROUPS]  # GroupSummary per identity (only with an identity model)
         return picked.refs
 
