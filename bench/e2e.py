@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direct-num-workers", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="prep run --workers N (overrides --direct-*)")
     parser.add_argument("--chunk-inputs", type=int, default=None, help="prep run --chunk-inputs N (0: one job)")
+    parser.add_argument("--decoded-cache-mb", type=int, default=None, help="prep run --decoded-cache-mb N")
     parser.add_argument("--model-cache", default=None, help="where the tiny models are built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the demo data and outputs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "overwrite": True,
                     **({"workers": args.workers} if args.workers is not None else {}),
                     **({"chunk_inputs": args.chunk_inputs} if args.chunk_inputs is not None else {}),
+                    **({"decoded_cache_mb": args.decoded_cache_mb} if args.decoded_cache_mb is not None else {}),
                 },
                 "beam_args": beam_args,
             }
