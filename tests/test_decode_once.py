@@ -90,6 +90,29 @@ def test_decode_keeps_exactly_the_pixels_a_later_stage_would_decode(cache):
     assert cache.misses == 1, "general images are not kept unless a later stage reads them"
 
 
+def test_an_entry_leaves_after_its_last_reader(cache):
+    """Decode knows how many stages read the pixels again (caption, mask, embed, and the
+    identity stage of the sources it verifies): after the last, the entry is gone, so the cache
+    holds only the images in flight, not a full budget of finished ones."""
+    cache.configure(64)
+    fn = DecodeImages(DecodeParams(decoded_cache_mb=64), reads={"specific": 3, "general": 0},
+                      identity_reads={"verified": 1, "unverified": 0})
+    fn.setup()
+    for source, readers in (("verified", 4), ("unverified", 3)):
+        sample = Sample(key=source, domain="specific", source=source, path="k.jpg", identity="1", raw=jpeg_bytes(4))
+        (out,) = list(fn.process(sample))
+        for n in range(readers):
+            assert cache.held_bytes > 0, (source, n)
+            assert np.array_equal(np.asarray(load_rgb(out.image_jpeg)), fresh(out.image_jpeg))
+        assert cache.held_bytes == 0, source
+    assert (cache.hits, cache.misses) == (7, 0)
+    unknown = jpeg_bytes(5)
+    load_rgb(unknown)  # decoded by a stage, readers unknown: kept until the budget pushes it out
+    load_rgb(unknown)
+    load_rgb(unknown)
+    assert cache.held_bytes > 0 and cache.hits == 9
+
+
 class _Pixels(beam.DoFn):
     def process(self, sample):
         yield sample.key, int(np.asarray(load_rgb(sample.image_jpeg), dtype=np.int64).sum())

@@ -281,7 +281,8 @@ class DecodedImages:
 
     def __init__(self, budget_mb: int):
         self._lock = threading.Lock()
-        self._entries: OrderedDict[int, tuple[bytes, Image.Image, int]] = OrderedDict()
+        # id(bytes) -> [bytes, pixels, size, reads left (None: unknown, least recently used out)]
+        self._entries: OrderedDict[int, list] = OrderedDict()
         self._bytes = 0
         self.configure(budget_mb)
         self.hits = self.misses = 0
@@ -303,27 +304,35 @@ class DecodedImages:
             if entry is None or entry[0] is not jpeg:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(id(jpeg))
             self.hits += 1
             image = entry[1]
+            if entry[3] is not None:
+                entry[3] -= 1
+                if entry[3] <= 0:  # its last reader: nobody else holds these pixels, no copy
+                    del self._entries[id(jpeg)]
+                    self._bytes -= entry[2]
+                    return image
+            self._entries.move_to_end(id(jpeg))
         return image.copy()
 
-    def put(self, jpeg: bytes, image: Image.Image) -> None:
+    def put(self, jpeg: bytes, image: Image.Image, reads: Optional[int] = None) -> None:
+        """Keep `image` for `jpeg`; `reads`: how many later stages will read it (the entry goes
+        after the last of them; None: kept until the budget pushes it out)."""
         size = image.width * image.height * 4 + len(jpeg)  # PIL keeps RGB as 4 bytes a pixel
-        if size > self._budget:
+        if size > self._budget or (reads is not None and reads < 1):
             return
         image.load()
         with self._lock:
             old = self._entries.pop(id(jpeg), None)
             if old is not None:
                 self._bytes -= old[2]
-            self._entries[id(jpeg)] = (jpeg, image, size)
+            self._entries[id(jpeg)] = [jpeg, image, size, reads]
             self._bytes += size
             self._evict()
 
     def _evict(self) -> None:
         while self._entries and self._bytes > self._budget:
-            _, (_, _, size) = self._entries.popitem(last=False)
+            _, (_, _, size, _) = self._entries.popitem(last=False)
             self._bytes -= size
 
     @property
@@ -357,9 +366,15 @@ class DecodeImages(beam.DoFn):
     SPECIFIC = ("specific",)
     ALL = ("specific", "general")
 
-    def __init__(self, params: DecodeParams = DecodeParams(), keep_pixels: tuple[str, ...] = SPECIFIC):
+    def __init__(self, params: DecodeParams = DecodeParams(), keep_pixels: tuple[str, ...] = SPECIFIC,
+                 reads: Optional[dict[str, int]] = None, identity_reads: Optional[dict[str, int]] = None):
         self._params = params
         self._keep = tuple(keep_pixels)
+        # How many later stages read a sample's pixels, by domain, plus by source for the
+        # identity stage (sources it does not verify skip it): the entry leaves the cache
+        # after its last reader, so it holds only the images in flight. None: unknown.
+        self._reads = dict(reads) if reads is not None else None
+        self._identity_reads = dict(identity_reads or {})
         self._ok = counter(STAGE, "ok")
         self._rejected = counter(STAGE, "dead_lettered")
 
@@ -378,6 +393,11 @@ class DecodeImages(beam.DoFn):
             yield dead(DeadLetter.of(sample, STAGE, exc.kind, str(exc)))
             return
         if pixels is not None and sample.domain in self._keep:
-            DECODED.put(jpeg, pixels)  # the later stages find it decoded
+            reads = None
+            if self._reads is not None:
+                reads = self._reads.get(sample.domain, 0)
+                if sample.domain == "specific":
+                    reads += self._identity_reads.get(sample.source, self._identity_reads.get("*", 0))
+            DECODED.put(jpeg, pixels, reads)  # the later stages find it decoded
         self._ok.inc()
         yield sample.with_(raw=None, image_jpeg=jpeg, width=width, height=height)
