@@ -7,8 +7,8 @@ identities (`plan_chunks`: identity-disjoint, deterministic, about N inputs each
 tars whole, by tar) and each chunk runs as one ordinary pipeline into `OUT/_chunks/NNNNN/`:
 one after the other, or with `--workers N`, N at a time in N long-lived processes (each a
 one-process in-memory runner with 1/N of the cores' threads, keeping its models loaded from
-chunk to chunk: one model load per process, not per chunk). Pairing and verification are exact inside a chunk: every image of an
-identity is in it.
+chunk to chunk: one model load per process, not per chunk). Pairing and verification are
+exact inside a chunk: every image of an identity is in it.
 
 Then `stitch` merges the chunks' shards per (split, domain) in key order (a k-way merge of
 sorted streams: one sample per chunk in memory, and one shard) into the shards one job would
