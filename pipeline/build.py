@@ -342,9 +342,9 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     # The stages that read the pixels again: caption, mask, embed; the identity stage of the
     # sources it verifies; general images only the caption, when captioned.
     reads = {"specific": 3, "general": 1 if cfg.caption_general else 0}
-    identity_reads = {source: int(mode in plan.identity) for source, mode in plan.models.identity.items()}
-    decoded = samples | "Decode" >> beam.ParDo(
-        DecodeImages(decode, keep_pixels=keep, reads=reads, identity_reads=identity_reads)).with_outputs(DEAD, main="ok")
+    decoded = samples | "Decode" >> beam.ParDo(DecodeImages(
+        decode, keep_pixels=keep, reads=reads, identity_modes=plan.models.identity,
+        identity_staged=frozenset(plan.identity))).with_outputs(DEAD, main="ok")
     letters.append(decoded[DEAD])
     specific, general = decoded.ok | "SplitDomains" >> beam.Partition(_by_domain, 2)
 

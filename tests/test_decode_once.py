@@ -96,7 +96,7 @@ def test_an_entry_leaves_after_its_last_reader(cache):
     holds only the images in flight, not a full budget of finished ones."""
     cache.configure(64)
     fn = DecodeImages(DecodeParams(decoded_cache_mb=64), reads={"specific": 3, "general": 0},
-                      identity_reads={"verified": 1, "unverified": 0})
+                      identity_modes={"verified": "clip", "unverified": "none"}, identity_staged=frozenset({"clip"}))
     fn.setup()
     for source, readers in (("verified", 4), ("unverified", 3)):
         sample = Sample(key=source, domain="specific", source=source, path="k.jpg", identity="1", raw=jpeg_bytes(4))

@@ -367,14 +367,17 @@ class DecodeImages(beam.DoFn):
     ALL = ("specific", "general")
 
     def __init__(self, params: DecodeParams = DecodeParams(), keep_pixels: tuple[str, ...] = SPECIFIC,
-                 reads: Optional[dict[str, int]] = None, identity_reads: Optional[dict[str, int]] = None):
+                 reads: Optional[dict[str, int]] = None, identity_modes: Optional[dict[str, str]] = None,
+                 identity_staged: frozenset = frozenset()):
         self._params = params
         self._keep = tuple(keep_pixels)
-        # How many later stages read a sample's pixels, by domain, plus by source for the
-        # identity stage (sources it does not verify skip it): the entry leaves the cache
-        # after its last reader, so it holds only the images in flight. None: unknown.
+        # How many later stages read a sample's pixels, by domain, plus the identity stage for
+        # the sources whose identity model (`identity_modes`, source kind -> mode) has one
+        # (`identity_staged`): the entry leaves the cache after its last reader, so it holds
+        # only the images in flight. None: unknown.
         self._reads = dict(reads) if reads is not None else None
-        self._identity_reads = dict(identity_reads or {})
+        self._identity_modes = dict(identity_modes or {})
+        self._identity_staged = frozenset(identity_staged)
         self._ok = counter(STAGE, "ok")
         self._rejected = counter(STAGE, "dead_lettered")
 
@@ -397,7 +400,9 @@ class DecodeImages(beam.DoFn):
             if self._reads is not None:
                 reads = self._reads.get(sample.domain, 0)
                 if sample.domain == "specific":
-                    reads += self._identity_reads.get(sample.source, self._identity_reads.get("*", 0))
+                    from prep.transforms.pair import mode_of  # the one rule for a source's identity model
+
+                    reads += int(mode_of(self._identity_modes, sample.source) in self._identity_staged)
             DECODED.put(jpeg, pixels, reads)  # the later stages find it decoded
         self._ok.inc()
         yield sample.with_(raw=None, image_jpeg=jpeg, width=width, height=height)
