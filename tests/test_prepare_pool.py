@@ -75,6 +75,45 @@ def test_pool_keeps_order_pads_each_chunk_and_isolates_a_failing_prepare():
     assert serial.prepare_threads_seen == {threading.current_thread().name}
 
 
+class _Model:
+    pass
+
+
+class _CountsCalls(_Doubler):
+    calls: list[int] = []  # class level: Beam runs a pickled copy of the handler (in this process)
+
+    def load_model(self):
+        return _Model()  # Beam's Shared holds the model by weak reference: not an int
+
+    def infer(self, prepared, model):
+        return list(prepared)
+
+    def run_inference(self, batch, model, inference_args=None):
+        batch = list(batch)
+        _CountsCalls.calls.append(len(batch))
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_padded_pool_stage_asks_beam_for_whole_calls():
+    """BatchElements' adaptive sizes between one model batch and a call's worth (9, 17, ...)
+    would each end in a padded model batch: a full model call for one or two elements."""
+    from prep.transforms.inference import ModelStage
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    pooled = _CountsCalls(max_batch_size=4, prepare_threads=2)
+    assert pooled.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
+    serial = _CountsCalls(max_batch_size=4, prepare_threads=1)
+    assert serial.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}
+    _CountsCalls.calls = []
+    with TestPipeline(runner=fn_api_runner()) as p:
+        ok, dead = p | beam.Create(_samples(203)) | ModelStage(pooled)
+        assert_that(ok | beam.Map(lambda s: s.key), equal_to([f"k{i}" for i in range(203)]))
+    assert sum(_CountsCalls.calls) == 203
+    # Every call is a whole one (16 = 4 model batches of 4) but the bundle's last: 12 x 16 + 11.
+    assert sorted(_CountsCalls.calls) == [11] + [16] * 12, _CountsCalls.calls
+
+
 def test_pool_batch_failure_is_retried_per_element():
     class FailsOnSeven(_Doubler):
         def infer(self, prepared, model):

@@ -167,16 +167,17 @@ class CaptionHandler(StageHandler):
         return dict(self.processor()(**kwargs))
 
     def infer(self, prepared: list, model) -> list:
+        """One generate call; one row of token ids per element (decoded in `finish`, on the pool)."""
         import torch
 
         inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
         out = model.generate(inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
-        texts = self.processor().batch_decode(out, skip_special_tokens=True)
-        results = []
-        for text in texts:
-            caption = clean_caption(text, self.prompt)
-            results.append(caption if caption else Reject(DeadLetterKind.EMPTY_CAPTION, DeadLetterKind.EMPTY_CAPTION.value))
-        return results
+        return list(out)
+
+    def finish(self, ids):
+        """Token ids -> the caption (`batch_decode` is this decode row by row), or a Reject."""
+        caption = clean_caption(self.processor().decode(ids, skip_special_tokens=True), self.prompt)
+        return caption if caption else Reject(DeadLetterKind.EMPTY_CAPTION, DeadLetterKind.EMPTY_CAPTION.value)
 
     def apply(self, sample: Sample, caption: str) -> Sample:
         return sample.with_(caption_vlm=caption)

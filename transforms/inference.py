@@ -114,8 +114,12 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
         if prepare_threads < 1:
             raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
         self.prepare_threads = prepare_threads
-        # With a pool, one call holds several model batches (see the module docstring).
+        # With a pool, one call holds several model batches (see the module docstring). A padded
+        # stage asks for whole calls: BatchElements' adaptive sizes in between (9, 17, ...) would
+        # each end in a padded model batch, a full model call for one or two elements.
         per_call = max_batch_size * (PIPELINE_CHUNKS if prepare_threads > 1 else 1)
+        if self.pad_batches and min_batch_size == max_batch_size:
+            min_batch_size = per_call
         self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": per_call}
         self.max_batch_size = max_batch_size
         self._pool: Optional[ThreadPoolExecutor] = None
