@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ import time
 import numpy as np
 
 SIZES = {"celeba": (178, 218), "web": (1024, 768)}
-DEFAULT_IMAGES = {"celeba": 768, "web": 128}
+DEFAULT_IMAGES = {"celeba": 1536, "web": 128}
 BATCH = {"caption": 8, "mask": 8, "embed": 32}
 CLIP_IMAGE_SIZE = 224  # ViT-L-14's input
 BLIP2_IMAGE_SIZE = 224  # BLIP-2's image processor
@@ -185,7 +184,9 @@ def plain_loop(handler, samples, threads: int) -> tuple[float, int]:
     from concurrent.futures import ThreadPoolExecutor
 
     model = handler.load_model()
-    one = getattr(model, "predict", None)  # the mask stage's instant session runs per image
+    # The instant model per image where the stage has host work on its output: the mask
+    # session's soft mask (binarised, PNG-encoded), the captioner's token ids (decoded).
+    one = getattr(model, "predict", None) or getattr(model, "generate", None)
 
     def work(sample):
         prepared = handler.prepare(sample, model)
@@ -243,28 +244,36 @@ def run_child(spec: dict) -> dict:
 
 
 def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_threads: int,
-            decoded: bool = False) -> list[dict]:
-    """Three fresh processes (plain, pool off, pool on); two JSON records (pool off, pool on)."""
-    results = {}
-    for variant in ("plain", "serial", "pool"):
-        spec = {"stage": stage, "folder": folder, "variant": variant, "threads": threads, "torch_threads": torch_threads,
-                "decoded": decoded}
-        out = subprocess.run([sys.executable, "-m", "bench.ceiling", "--child", json.dumps(spec)],
-                             check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-        if results[variant]["n"] != n:
-            raise SystemExit(f"{stage}/{size}/{variant}: {results[variant]['n']} of {n} images came through")
-    plain_ips = n / results["plain"]["seconds"]
+            decoded: bool = False, rounds: int = 3) -> list[dict]:
+    """`rounds` rounds of three fresh processes (plain, pool off, pool on), interleaved so that a
+    slow spell of the host falls on every variant; two JSON records (pool off, pool on) with the
+    median img/s of the rounds and their spread."""
+    runs: dict[str, list[dict]] = {"plain": [], "serial": [], "pool": []}
+    for _ in range(rounds):
+        for variant in runs:
+            spec = {"stage": stage, "folder": folder, "variant": variant, "threads": threads,
+                    "torch_threads": torch_threads, "decoded": decoded}
+            out = subprocess.run([sys.executable, "-m", "bench.ceiling", "--child", json.dumps(spec)],
+                                 check=True, capture_output=True, text=True).stdout
+            result = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+            if result["n"] != n:
+                raise SystemExit(f"{stage}/{size}/{variant}: {result['n']} of {n} images came through")
+            runs[variant].append(result)
+    plain = [n / r["seconds"] for r in runs["plain"]]
+    plain_ips = float(np.median(plain))
     records = []
     for variant in ("serial", "pool"):
-        r = results[variant]
-        net_ips = r["net_ips"]
+        ips = [r["net_ips"] for r in runs[variant]]
+        net_ips = float(np.median(ips))
         records.append({
             "stage": stage, "size": size, "pool": variant == "pool", "decoded": decoded,
             "threads": threads if variant == "pool" else 1,
-            "images": n, "plain_ips": round(plain_ips, 1), "stage_ips": round(net_ips, 1),
-            "stage_raw_ips": round(n / r["wall"], 1), "ratio": round(net_ips / plain_ips, 3),
-            "startup_s": round(r["fixed"], 2),
+            "images": n, "rounds": rounds, "plain_ips": round(plain_ips, 1), "stage_ips": round(net_ips, 1),
+            "ratio": round(net_ips / plain_ips, 3),
+            "plain_range": [round(min(plain), 1), round(max(plain), 1)],
+            "stage_range": [round(min(ips), 1), round(max(ips), 1)],
+            "stage_raw_ips": round(float(np.median([n / r["wall"] for r in runs[variant]])), 1),
+            "startup_s": round(float(np.median([r["fixed"] for r in runs[variant]])), 2),
         })
     records[1]["pool_speedup"] = round(records[1]["stage_ips"] / records[0]["stage_ips"], 2)
     return records
@@ -274,11 +283,13 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default="embed,caption,mask")
     parser.add_argument("--sizes", default="celeba,web")
-    parser.add_argument("--images", type=int, default=None, help="images per size (default celeba 768, web 128)")
+    parser.add_argument("--images", type=int, default=None, help="images per size (default celeba 1536, web 128)")
     parser.add_argument("--threads", type=int, default=4, help="plain loop threads = the stage's prepare_threads")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in each process")
     parser.add_argument("--decoded", choices=("off", "on"), default="off",
                         help="on: images already decoded, as the pipeline's Decode step leaves them")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of fresh processes per variant; the median is reported")
     parser.add_argument("--work", default=None, help="scratch folder for the images (default: a temp dir)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -291,7 +302,8 @@ def main(argv=None) -> list[dict]:
         n = args.images or DEFAULT_IMAGES[size]
         folder = write_images(work, size, n)
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-            for record in measure(stage, size, folder, n, args.threads, args.torch_threads, args.decoded == "on"):
+            for record in measure(stage, size, folder, n, args.threads, args.torch_threads, args.decoded == "on",
+                                  args.rounds):
                 print(json.dumps(record), flush=True)
                 records.append(record)
     return records
