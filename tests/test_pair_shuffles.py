@@ -199,6 +199,36 @@ def test_spilled_files_of_an_unfinished_bundle_are_never_read(tmp_path):
     assert (q.keys, q.candidates, q.embeddings().tolist()) == (["q1"], [Candidate("q1")], [emb(3).tolist()])
 
 
+def test_spill_records_carry_every_candidate_field_exactly(tmp_path):
+    """The spill head is the run's own binary format, not a pickle: every field of a
+    verification candidate, the arrays' dtypes and shapes, and UTF-8 names come back as written."""
+    faces = (np.arange(128, dtype=np.float64) / 7, np.linspace(-1, 1, 128, dtype=np.float32))
+    full = Candidate("p1é", faces, (1200, 96), "ab" * 32, "f0e1d2c3b4a59687", written=True, face_count=2)
+    members = [
+        ("folder:pé", Member("p1é", emb(1), "train", candidate=full)),
+        ("folder:pé", Member("p2", emb(2), None, written=True, candidate=Candidate("p2", (), (), None, None, True))),
+        ("folder:pé", Member("p3", emb(3), "test", candidate=Candidate("p3"))),
+        ("folder:pé", Member("p4", emb(4), "")),
+    ]
+    spill = _SpillMembers(str(tmp_path), buckets=1)
+    spill.start_bundle()
+    for member in members:
+        spill.process(member)
+    [entry] = [wv.value for wv in spill.finish_bundle()]
+    batch = dict(read_spilled((entry[0], [entry[1]])))["folder:pé"]
+    assert batch.keys == ["p1é", "p2", "p3", "p4"]
+    assert batch.splits == ["train", None, "test", ""] and batch.written == [False, True, False, False]
+    got = batch.candidates[0]
+    assert (got.key, got.areas, got.pixel_sha256, got.phash, got.written, got.face_count) == (
+        "p1é", (1200, 96), "ab" * 32, "f0e1d2c3b4a59687", True, 2)
+    assert [(a.dtype, a.shape) for a in got.embeddings] == [(np.float64, (128,)), (np.float32, (128,))]
+    assert all(np.array_equal(a, b) for a, b in zip(got.embeddings, faces))
+    assert batch.candidates[1] == Candidate("p2", (), (), None, None, True)
+    assert batch.candidates[2] == Candidate("p3") and batch.candidates[2].embeddings is None
+    assert batch.candidates[3] is None
+    assert batch.embeddings().tolist() == [emb(i).tolist() for i in (1, 2, 3, 4)]
+
+
 @pytest.mark.parametrize("cut", [slice(None, -5), slice(None, -9), slice(None, -40), slice(5, None), slice(0, 0)])
 def test_a_truncated_spill_file_fails_loudly(tmp_path, cut):
     spill = _SpillMembers(str(tmp_path), buckets=1)

@@ -14,7 +14,7 @@ also puts every image of a huge identity through one worker).
 Two shuffles, the same groups and refs (tests/test_pair_shuffles.py):
 - Beam's (`spill_dir` None; Dataflow): a GroupByKey of one `Member` per image.
 - Files (`spill_dir`, local runs, whose workers share one disk): each bundle appends its
-  members' records (a small pickled head, then the raw float32 embedding) to one file per
+  members' records (a small binary head, then the raw float32 embedding) to one file per
   bucket of identities (a stable hash, 64 buckets) and emits only the file names, once its
   files are complete; a GroupByKey of those names, then each bucket's files are read and
   grouped by identity. Beam's in-memory runner holds a grouping several times over (decoded
@@ -38,8 +38,9 @@ sample gets exactly the refs an uninterrupted run gives it, and get no refs them
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import os
-import pickle
 import random
 import struct
 import uuid
@@ -237,7 +238,54 @@ def batch_members(element: tuple[str, Iterable[Member]]) -> tuple[str, MemberBat
 # -- the local shuffle: members spilled to files, only file names through Beam's grouping -----
 
 SPILL_BUCKETS = 64  # files per bundle at most; a reader holds one bucket (~1/64 of the members)
-_RECORD = struct.Struct("<II")  # a member record: head length, embedding bytes; then both
+# A member record: the head's length and the arrays' (the embedding's raw float32 bytes, then
+# the verification candidate's embeddings, if any); then the head and the arrays. The head is
+# written by this run and read back by it, and holds no pickle: fixed fields (flags, string
+# lengths, the embedding's rank), the identity, key and split as UTF-8, the candidate's other
+# fields as JSON (verified modes only), then the embedding's shape.
+_RECORD = struct.Struct("<II")
+_HEAD = struct.Struct("<BIIIIB")  # flags, len(identity), len(key), len(split), len(candidate JSON), rank
+_WRITTEN, _HAS_SPLIT, _HAS_CANDIDATE = 1, 2, 4
+
+
+def _encode_candidate(c: Candidate) -> tuple[bytes, list[np.ndarray]]:
+    arrays = [np.ascontiguousarray(e) for e in c.embeddings] if c.embeddings is not None else []
+    fields = {"key": c.key, "areas": [int(a) for a in c.areas], "sha": c.pixel_sha256, "phash": c.phash,
+              "written": bool(c.written), "faces": None if c.face_count is None else int(c.face_count),
+              "arrays": None if c.embeddings is None else [[a.dtype.str, list(a.shape)] for a in arrays]}
+    return json.dumps(fields, separators=(",", ":")).encode(), arrays
+
+
+def _decode_candidate(text: bytes, data: bytes, pos: int) -> tuple[Candidate, int]:
+    """The candidate and the position after its arrays (copied out of the file's bytes)."""
+    fields = json.loads(text)
+    embeddings = None
+    if fields["arrays"] is not None:
+        embeddings = []
+        for dtype, shape in fields["arrays"]:
+            count = math.prod(shape)
+            array = np.frombuffer(data, np.dtype(dtype), count=count, offset=pos).reshape(shape).copy()
+            pos += array.nbytes
+            embeddings.append(array)
+        embeddings = tuple(embeddings)
+    return Candidate(fields["key"], embeddings, tuple(fields["areas"]), fields["sha"], fields["phash"],
+                     fields["written"], fields["faces"]), pos
+
+
+def _encode_member(identity: str, member: Member) -> tuple[bytes, list]:
+    """(head, arrays) of one member's spill record."""
+    vector = np.ascontiguousarray(member.embedding, dtype=np.float32)
+    ident, key = identity.encode(), member.key.encode()
+    split = member.split.encode() if member.split is not None else b""
+    flags = (_WRITTEN if member.written else 0) | (_HAS_SPLIT if member.split is not None else 0)
+    candidate, arrays = b"", [vector]
+    if member.candidate is not None:
+        flags |= _HAS_CANDIDATE
+        candidate, extra = _encode_candidate(member.candidate)
+        arrays += extra
+    head = b"".join((_HEAD.pack(flags, len(ident), len(key), len(split), len(candidate), vector.ndim),
+                     ident, key, split, candidate, struct.pack(f"<{vector.ndim}I", *vector.shape)))
+    return head, arrays
 
 
 def _spill_bucket(identity: str, buckets: int) -> int:
@@ -271,12 +319,11 @@ class _SpillMembers(beam.DoFn):
         f = self._files.get(bucket)
         if f is None:
             f = self._files[bucket] = open(self._path(bucket) + ".part", "wb", buffering=1 << 20)
-        vector = np.ascontiguousarray(member.embedding, dtype=np.float32)
-        head = pickle.dumps((identity, member.key, member.split, member.written, member.candidate, vector.shape),
-                            pickle.HIGHEST_PROTOCOL)
-        f.write(_RECORD.pack(len(head), vector.nbytes))
+        head, arrays = _encode_member(identity, member)
+        f.write(_RECORD.pack(len(head), sum(a.nbytes for a in arrays)))
         f.write(head)
-        f.write(vector.data)
+        for array in arrays:
+            f.write(array.data)
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
@@ -297,25 +344,49 @@ class _SpillMembers(beam.DoFn):
 
 
 def _spill_records(path: str, data: bytes) -> Iterator[tuple[tuple, np.ndarray]]:
-    """The (head, embedding) records of one spill file; ValueError if it is cut short."""
+    """The ((identity, key, split, written, candidate), embedding) records of one spill file;
+    ValueError if it is cut short."""
     if not data:  # a file is created for its first record
         raise ValueError(f"{path}: truncated pairing spill file (empty)")
-    view, pos = memoryview(data), 0
-    while pos < len(data):
-        if pos + _RECORD.size > len(data):
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + _RECORD.size > end:
             raise ValueError(f"{path}: truncated pairing spill file (a record header at byte {pos})")
         head_size, size = _RECORD.unpack_from(data, pos)
         pos += _RECORD.size
+        arrays_at = pos + head_size
+        if arrays_at + size > end or head_size < _HEAD.size:
+            raise ValueError(f"{path}: truncated pairing spill file (the record at byte {pos})")
         try:
-            head = pickle.loads(view[pos : pos + head_size])
-            shape = tuple(head[5])
-        except Exception as e:
-            raise ValueError(f"{path}: truncated pairing spill file (a record head at byte {pos}: {e})") from e
-        pos += head_size
-        if pos + size > len(data) or size != 4 * int(np.prod(shape)):
-            raise ValueError(f"{path}: truncated pairing spill file (the embedding of {head[1]!r})")
-        yield head, np.frombuffer(data, np.float32, count=size // 4, offset=pos).reshape(shape)
-        pos += size
+            record = _decode_record(data, pos, arrays_at, size)
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            raise ValueError(f"{path}: truncated pairing spill file (the record at byte {pos}: {e})") from e
+        yield record
+        pos = arrays_at + size
+
+
+def _decode_record(data: bytes, pos: int, arrays_at: int, size: int) -> tuple[tuple, np.ndarray]:
+    flags, n_ident, n_key, n_split, n_candidate, rank = _HEAD.unpack_from(data, pos)
+    at = pos + _HEAD.size
+    fields = []
+    for n in (n_ident, n_key, n_split, n_candidate):
+        fields.append(data[at : at + n])
+        at += n
+    if at + 4 * rank != arrays_at:
+        raise ValueError("its head does not add up")
+    shape = struct.unpack_from(f"<{rank}I", data, at)
+    identity, key = fields[0].decode(), fields[1].decode()
+    split = fields[2].decode() if flags & _HAS_SPLIT else None
+    count = math.prod(shape)
+    if 4 * count > size:
+        raise ValueError(f"the embedding of {key!r} is cut short")
+    embedding = np.frombuffer(data, np.float32, count=count, offset=arrays_at).reshape(shape)
+    candidate, after = None, arrays_at + 4 * count
+    if flags & _HAS_CANDIDATE:
+        candidate, after = _decode_candidate(fields[3], data, after)
+    if after != arrays_at + size:
+        raise ValueError(f"the arrays of {key!r} do not add up")
+    return (identity, key, split, bool(flags & _WRITTEN), candidate), embedding
 
 
 def read_spilled(element: tuple[int, Iterable[str]]) -> Iterator[tuple[str, MemberBatch]]:
@@ -325,7 +396,7 @@ def read_spilled(element: tuple[int, Iterable[str]]) -> Iterator[tuple[str, Memb
     for path in sorted(paths):
         with open(path, "rb") as f:
             data = f.read()
-        for (identity, key, split, written, candidate, _shape), embedding in _spill_records(path, data):
+        for (identity, key, split, written, candidate), embedding in _spill_records(path, data):
             batch = groups.get(identity)
             if batch is None:
                 batch = groups[identity] = MemberBatch()
