@@ -105,6 +105,17 @@ def test_padded_pool_stage_asks_beam_for_whole_calls():
     assert pooled.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
     serial = _CountsCalls(max_batch_size=4, prepare_threads=1)
     assert serial.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}
+
+    class PerImage(_CountsCalls):  # a model that runs per image (rembg, dlib): nothing to pad
+        pad_batches = False
+
+    # Pooled, it too asks for whole calls (a smaller call leaves the pool idle at its end)...
+    assert PerImage(max_batch_size=4, prepare_threads=2).batch_elements_kwargs() == {
+        "min_batch_size": 16, "max_batch_size": 16}
+    # ...serial, it keeps BatchElements' adaptive ramp; a minimum given by the caller stands.
+    assert PerImage(max_batch_size=4).batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 4}
+    assert PerImage(max_batch_size=4, min_batch_size=2, prepare_threads=2).batch_elements_kwargs() == {
+        "min_batch_size": 2, "max_batch_size": 16}
     _CountsCalls.calls = []
     with TestPipeline(runner=fn_api_runner()) as p:
         ok, dead = p | beam.Create(_samples(203)) | ModelStage(pooled)

@@ -102,6 +102,7 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     ):
         # Padded stages pay for a full batch anyway: ask BatchElements for full batches from
         # the start instead of its adaptive ramp from 1.
+        explicit_min = min_batch_size is not None
         if min_batch_size is None:
             min_batch_size = max_batch_size if self.pad_batches else 1
         min_batch_size = min(min_batch_size, max_batch_size)
@@ -114,13 +115,17 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
         if prepare_threads < 1:
             raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
         self.prepare_threads = prepare_threads
-        # With a pool, one call holds several model batches (see the module docstring). A padded
-        # stage asks for whole calls: BatchElements' adaptive sizes in between (9, 17, ...) would
-        # each end in a padded model batch, a full model call for one or two elements.
+        # With a pool, one call holds several model batches (see the module docstring), and
+        # calls are whole: BatchElements' adaptive sizes below a call's worth would leave the
+        # pool idle at every call's end (the next call's elements do not exist yet), and in a
+        # padded stage each size in between (9, 17, ...) would end in a padded model batch, a
+        # full model call for one or two elements.
         per_call = max_batch_size * (PIPELINE_CHUNKS if prepare_threads > 1 else 1)
-        if self.pad_batches and min_batch_size == max_batch_size:
-            min_batch_size = per_call
-        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": per_call}
+        if explicit_min:
+            call_min = per_call if self.pad_batches and min_batch_size == max_batch_size else min_batch_size
+        else:
+            call_min = per_call if self.pad_batches or prepare_threads > 1 else 1
+        self._batch_kwargs = {"min_batch_size": call_min, "max_batch_size": per_call}
         self.max_batch_size = max_batch_size
         self._pool: Optional[ThreadPoolExecutor] = None
 
