@@ -82,6 +82,53 @@ def test_caption_handler_matches_direct_generate(tiny):
     assert handler.apply(samples[0], captions[0]).caption_vlm == captions[0]
 
 
+def test_caption_prepare_calls_the_image_processor_alone_only_where_it_is_the_same(tiny):
+    import torch
+    from transformers import AutoProcessor
+
+    samples = [_sample(i) for i in range(3)]
+    processor = AutoProcessor.from_pretrained(tiny.captioner)
+    expected = [dict(processor(images=[load_rgb(s.image_jpeg)], return_tensors="pt")) for s in samples]
+
+    handler = CaptionHandler(tiny.captioner, device="cpu")
+    calls = []
+    real = handler.processor()
+    real_image_processor = real.image_processor
+
+    class Counting:  # counts the full processor's calls; the image processor is the real one
+        image_processor = real_image_processor
+
+        def __call__(self, **kwargs):
+            calls.append(sorted(kwargs))
+            return real(**kwargs)
+
+    handler._processor_cache = Counting()
+    got = [handler.prepare(s, None) for s in samples]
+    assert handler._images_only is True and len(calls) == 1  # the first image decided it
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys() and all(torch.equal(g[k], e[k]) for k in e)
+
+    class AddsTokens(Counting):  # a processor whose images-only output is more than pixels
+        def __call__(self, **kwargs):
+            out = dict(super().__call__(**kwargs))
+            out["input_ids"] = torch.tensor([[1, 2, 3]])
+            return out
+
+    other = CaptionHandler(tiny.captioner, device="cpu")
+    other._processor_cache = AddsTokens()
+    calls.clear()
+    got = [other.prepare(s, None) for s in samples]
+    assert other._images_only is False and len(calls) == 3
+    assert all(set(g) == {"pixel_values", "input_ids"} for g in got)
+    assert pickle_roundtrip(handler)._images_only is None  # decided again in each worker process
+
+
+def pickle_roundtrip(obj):
+    import pickle
+
+    return pickle.loads(pickle.dumps(obj))  # deliberate: our own handler, as Beam ships it
+
+
 def test_caption_batch_with_one_bad_element_keeps_the_others(tiny):
     handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4)
     model = handler.load_model()

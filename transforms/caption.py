@@ -52,6 +52,22 @@ def _hf_unavailable(model: str, exc: Exception) -> ModelUnavailable:
     return ModelUnavailable(f"captioning model {model!r} could not be loaded ({type(exc).__name__}: {exc}); {how}")
 
 
+def _same_outputs(full: dict, processor, image) -> bool:
+    """Whether the processor's outputs for `image` are its image processor's, exactly."""
+    import torch
+
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return False
+    try:
+        alone = dict(image_processor(images=[image], return_tensors="pt"))
+    except Exception:  # noqa: BLE001 - an image processor that cannot run alone: keep the full call
+        return False
+    return full.keys() == alone.keys() and all(
+        isinstance(full[k], torch.Tensor) and isinstance(alone[k], torch.Tensor) and full[k].dtype == alone[k].dtype
+        and torch.equal(full[k], alone[k]) for k in full)
+
+
 @dataclass
 class LoadedCaptioner:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
     processor: Any
@@ -106,10 +122,12 @@ class CaptionHandler(StageHandler):
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self._processor_cache: Any = None
+        self._images_only: Optional[bool] = None  # see prepare; decided once per process
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_processor_cache"] = None
+        state["_images_only"] = None
         return state
 
     def processor(self):
@@ -160,11 +178,23 @@ class CaptionHandler(StageHandler):
         """Processor outputs for one image (and the prompt): a dict of tensors with batch 1.
 
         The processors treat the images of a batch one by one, so concatenating these is
-        the batch call's result (tests/test_handlers.py checks it against a direct call)."""
-        kwargs = {"images": [load_rgb(sample.image_jpeg)], "return_tensors": "pt"}
+        the batch call's result (tests/test_handlers.py checks it against a direct call).
+
+        Without a prompt, where the processor's output for an image is exactly its image
+        processor's (BLIP, BLIP-2: checked on this process's first image, key by key and
+        value by value), the image processor is called directly: the processor's own Python
+        around it (merging kwargs) was 0.3 ms of 0.7 ms per CelebA image, under the GIL.
+        Processors that add anything (PaliGemma's image tokens, say) keep the full call."""
+        image = load_rgb(sample.image_jpeg)
+        processor = self.processor()
         if self.prompt:
-            kwargs["text"] = [self.prompt]
-        return dict(self.processor()(**kwargs))
+            return dict(processor(images=[image], text=[self.prompt], return_tensors="pt"))
+        if self._images_only:
+            return dict(processor.image_processor(images=[image], return_tensors="pt"))
+        full = dict(processor(images=[image], return_tensors="pt"))
+        if self._images_only is None:
+            self._images_only = _same_outputs(full, processor, image)
+        return full
 
     def infer(self, prepared: list, model) -> list:
         """One generate call; one row of token ids per element (decoded in `finish`, on the pool)."""
