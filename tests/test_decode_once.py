@@ -143,3 +143,18 @@ def test_output_is_byte_identical_with_the_cache_off(pipeline_run, demo, tiny_ca
     assert DECODED.hits == 0 and DECODED.misses > 0
     assert len(assert_same_output(pipeline_run["out"], out)) > 10
     DECODED.configure(256)
+
+
+def test_an_uncached_decode_is_returned_without_a_copy(cache, monkeypatch):
+    """The copy protects the shared entry; with nothing kept there is nothing to protect."""
+    copies = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or real_copy(self))
+    jpeg = jpeg_bytes(3)
+    load_rgb(jpeg)
+    assert len(copies) == 1 and cache.held_bytes > 0, "kept: the caller gets a copy"
+    cache.configure(0)
+    copies.clear()
+    image = load_rgb(jpeg_bytes(4))
+    assert copies == [] and cache.held_bytes == 0
+    assert np.array_equal(np.asarray(image), fresh(jpeg_bytes(4)))

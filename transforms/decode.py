@@ -315,12 +315,12 @@ class DecodedImages:
             self._entries.move_to_end(id(jpeg))
         return image.copy()
 
-    def put(self, jpeg: bytes, image: Image.Image, reads: Optional[int] = None) -> None:
+    def put(self, jpeg: bytes, image: Image.Image, reads: Optional[int] = None) -> bool:
         """Keep `image` for `jpeg`; `reads`: how many later stages will read it (the entry goes
-        after the last of them; None: kept until the budget pushes it out)."""
+        after the last of them; None: kept until the budget pushes it out). True: it was kept."""
         size = image.width * image.height * 4 + len(jpeg)  # PIL keeps RGB as 4 bytes a pixel
         if size > self._budget or (reads is not None and reads < 1):
-            return
+            return False
         image.load()
         with self._lock:
             old = self._entries.pop(id(jpeg), None)
@@ -329,6 +329,7 @@ class DecodedImages:
             self._entries[id(jpeg)] = [jpeg, image, size, reads]
             self._bytes += size
             self._evict()
+        return True
 
     def _evict(self) -> None:
         while self._entries and self._bytes > self._budget:
@@ -352,8 +353,8 @@ def load_rgb(jpeg: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(jpeg))
     img.load()
     img = img if img.mode == "RGB" else img.convert("RGB")
-    DECODED.put(jpeg, img)
-    return img.copy()
+    # A kept image is shared with later readers: the caller gets its own copy of it.
+    return img.copy() if DECODED.put(jpeg, img) else img
 
 
 class DecodeImages(beam.DoFn):

@@ -57,7 +57,10 @@ def masked_image(image: Image.Image, mask: Image.Image, fill: tuple[int, int, in
     if mask.size != image.size:
         raise ValueError(f"mask size {mask.size} != image size {image.size}")
     background = Image.new("RGB", image.size, tuple(fill))
-    return Image.composite(image.convert("RGB"), background, mask.convert("L"))
+    # (convert() to the mode an image already has is a full copy: only where it differs)
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    mask = mask if mask.mode == "L" else mask.convert("L")
+    return Image.composite(image, background, mask)
 
 
 def import_rembg():
