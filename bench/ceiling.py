@@ -158,18 +158,17 @@ def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None
         return ZeroCaption("zero-cost", max_new_tokens=20, device="cpu", max_batch_size=batch,
                            prepare_threads=prepare_threads)
     if stage == "embed":
-        import torch
         from open_clip import image_transform
 
         class ZeroEmbed(EmbedHandler):
             def load_model(self):
                 return LoadedClip(None, image_transform(CLIP_IMAGE_SIZE, is_train=False), "cpu")
 
-            def infer(self, tensors, model):
-                torch.stack(tensors)  # the host-side work of the real infer
+            def infer(self, prepared, model):
+                model.batch(prepared)  # the host-side work of the real infer (the rest is the device's)
                 unit = np.zeros((768,), np.float32)
                 unit[0] = 1.0
-                return [unit] * len(tensors)
+                return [unit] * len(prepared)
 
         return ZeroEmbed("zero-cost", None, device="cpu", max_batch_size=batch, prepare_threads=prepare_threads)
     if stage == "mask":

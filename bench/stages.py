@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
 import tempfile
@@ -136,14 +135,15 @@ def plain_embed(handler, samples, batch):
     from prep.transforms.mask import load_mask, masked_image
 
     loaded = handler.load_model()
-    net, preprocess, device = loaded.model, loaded.preprocess, loaded.device
+    net = loaded.model
     dtype = next(net.parameters()).dtype
     start = time.perf_counter()
     out = []
     for i in range(0, len(samples), batch):
-        x = torch.stack([preprocess(masked_image(load_rgb(s.image_jpeg), load_mask(s.mask_png))) for s in samples[i:i + batch]])
+        x = loaded.batch([loaded.host_pixels(masked_image(load_rgb(s.image_jpeg), load_mask(s.mask_png)))
+                          for s in samples[i:i + batch]])
         with torch.inference_mode():
-            feats = torch.nn.functional.normalize(net.encode_image(x.to(device, dtype)).float(), dim=-1)
+            feats = torch.nn.functional.normalize(net.encode_image(loaded.device_pixels(x).to(dtype)).float(), dim=-1)
         out += list(feats.cpu().numpy())
     return time.perf_counter() - start, len(out)
 

@@ -255,3 +255,54 @@ def test_missing_clip_weights_give_a_clear_error(tiny, tmp_path):
         load_clip(tiny.clip_config, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ModelUnavailable, match="unknown open_clip model"):
         embed_dim("ViT-Nonexistent-99")
+
+
+@pytest.mark.parametrize("size", [224, 32, (40, 56)])
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_uint8_split_equals_the_whole_transform_bit_for_bit(size, resize_mode, mode):
+    """The host half (uint8 pixels) then the device half (scale, normalise on the batch) give
+    exactly the float tensor open_clip's whole transform gives, for each resize mode."""
+    import torch
+    from open_clip import image_transform
+
+    from prep.transforms.embed import LoadedClip
+
+    preprocess = image_transform(size, is_train=False, resize_mode=resize_mode)
+    loaded = LoadedClip(None, preprocess, "cpu")
+    assert loaded.host is not None, "open_clip's eval transform splits"
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+              for w, h in [(178, 218), (300, 97), (31, 33)]]
+    prepared = [loaded.host_pixels(im) for im in images]
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 for p in prepared)
+    got = loaded.device_pixels(loaded.batch(prepared))
+    want = torch.stack([preprocess(im) for im in images])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_a_transform_that_does_not_split_runs_whole_on_the_host():
+    import torch
+    from torchvision.transforms import Compose, Normalize, Resize, ToTensor
+
+    from prep.transforms.embed import LoadedClip, split_preprocess
+
+    odd = Compose([Resize(16), ToTensor(), Normalize((0.5,) * 3, (0.5,) * 3), lambda t: t * 2])
+    assert split_preprocess(odd) is None
+    assert split_preprocess(lambda im: im) is None
+    loaded = LoadedClip(None, odd, "cpu")
+    images = [Image.new("RGB", (20, 24), (i * 40, 10, 200)) for i in range(2)]
+    prepared = [loaded.host_pixels(im) for im in images]
+    assert all(isinstance(p, torch.Tensor) and p.dtype == torch.float32 for p in prepared)
+    assert torch.equal(loaded.device_pixels(loaded.batch(prepared)), torch.stack([odd(im) for im in images]))
+
+
+def test_masked_image_keeps_modes_without_copies_and_converts_others():
+    img = Image.new("RGB", (4, 2), (10, 20, 30))
+    mask = Image.fromarray(np.array([[255, 0, 0, 255], [0, 0, 255, 0]], np.uint8), "L")
+    want = np.asarray(masked_image(img, mask, (255, 0, 255)))
+    # Other modes of the same pixels give the same composite.
+    got = np.asarray(masked_image(img.convert("RGBA"), mask.convert("1"), (255, 0, 255)))
+    assert np.array_equal(got, want)
+    assert np.asarray(img).tolist() == [[[10, 20, 30]] * 4] * 2, "the input is not changed"

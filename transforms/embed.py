@@ -78,11 +78,80 @@ def load_clip(model: str, pretrained: Optional[str], device: str = "cpu", precis
     return net, preprocess
 
 
+def split_preprocess(preprocess) -> Optional[tuple[Any, tuple, tuple]]:
+    """open_clip's image transform split where its pixels become floats: (host, mean, std).
+
+    `host` is the transform's PIL part (resize, crop, mode), ending in uint8 pixels; what
+    followed it, ToTensor's scaling to [0, 1] and Normalize(mean, std), is elementwise, so it can
+    run once over the stacked batch on the model's device (`device_pixels`) with the same
+    result bit for bit (tested). The pool, the batch stack and the host-to-GPU copy then carry a
+    quarter of the bytes (uint8, not float32), and the float work is the GPU's. None: a
+    transform of another shape, which then runs whole on the host."""
+    from torchvision.transforms import Compose, Normalize
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if (len(steps) < 2 or not isinstance(steps[-1], Normalize) or steps[-1].inplace
+            or type(steps[-2]) not in _to_tensor_types()):
+        return None
+    mean, std = tuple(float(v) for v in steps[-1].mean), tuple(float(v) for v in steps[-1].std)
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    return Compose(steps[:-2]), mean, std
+
+
+def _to_tensor_types() -> tuple:
+    """ToTensor, and open_clip's MaybeToTensor (a ToTensor that passes tensors through)."""
+    from torchvision.transforms import ToTensor
+
+    try:
+        from open_clip.transform import MaybeToTensor
+    except ImportError:  # pragma: no cover - older open_clip
+        return (ToTensor,)
+    return (ToTensor, MaybeToTensor)
+
+
 @dataclass
 class LoadedClip:  # a class, not a tuple: Beam's Shared keeps a weak reference to it
     model: Any
     preprocess: Any
     device: str
+
+    def __post_init__(self):
+        split = split_preprocess(self.preprocess)
+        self.host, self.mean, self.std = split if split is not None else (None, None, None)
+
+    def host_pixels(self, image) -> Any:
+        """One image's host-side input: uint8 HxWx3 pixels (split transform) or the whole
+        transform's float tensor."""
+        if self.host is None:
+            return self.preprocess(image)
+        out = self.host(image)
+        if out.mode != "RGB":
+            out = out.convert("RGB")
+        return np.asarray(out)
+
+    def batch(self, prepared: list) -> Any:
+        """The host part of a batch: the elements stacked into one CPU tensor."""
+        import torch
+
+        if self.host is None:
+            return torch.stack(prepared)
+        return torch.from_numpy(np.stack(prepared))
+
+    def device_pixels(self, batch) -> Any:
+        """The batch on the model's device as the whole transform would give it: float
+        N x 3 x H x W, scaled to [0, 1] and normalised (the split's second half)."""
+        import torch
+
+        batch = batch.to(self.device)
+        if self.host is None:
+            return batch
+        dtype = torch.get_default_dtype()
+        mean = torch.tensor(self.mean, dtype=dtype, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=batch.device).view(1, 3, 1, 1)
+        # ToTensor: permute to channels first (contiguous), float, / 255; Normalize: - mean, / std
+        pixels = batch.permute(0, 3, 1, 2).contiguous().to(dtype=dtype).div(255)
+        return pixels.sub_(mean).div_(std)
 
 
 class EmbedHandler(StageHandler):
@@ -120,15 +189,15 @@ class EmbedHandler(StageHandler):
 
     def prepare(self, sample: Sample, model):
         image = masked_image(load_rgb(sample.image_jpeg), load_mask(sample.mask_png), self.fill)
-        return model.preprocess(image)
+        return model.host_pixels(image)
 
-    def infer(self, tensors: list, model) -> list:
+    def infer(self, prepared: list, model) -> list:
         import torch
 
         net = model.model
-        batch = torch.stack(tensors).to(model.device)
         dtype = next(net.parameters()).dtype
         with torch.inference_mode():
+            batch = model.device_pixels(model.batch(prepared))
             feats = net.encode_image(batch.to(dtype)).float()
             feats = torch.nn.functional.normalize(feats, dim=-1)
         return list(feats.cpu().numpy().astype(np.float32))
