@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CELEBA_SHARED = SHARED / "data" / "celeba"
 U2NETP = SHARED / "models" / "u2netp.onnx"
+
+
+@pytest.fixture(autouse=True)
+def _heap_not_frozen_across_tests():
+    """A model load freezes the heap (transforms/inference.py: settle_heap), as it should in a
+    worker; here, one test's objects must not stay out of the collector for the tests after."""
+    yield
+    gc.unfreeze()
 
 
 def fn_api_runner():

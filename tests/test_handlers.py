@@ -306,3 +306,28 @@ def test_masked_image_keeps_modes_without_copies_and_converts_others():
     got = np.asarray(masked_image(img.convert("RGBA"), mask.convert("1"), (255, 0, 255)))
     assert np.array_equal(got, want)
     assert np.asarray(img).tolist() == [[[10, 20, 30]] * 4] * 2, "the input is not changed"
+
+
+def test_a_model_load_takes_the_live_heap_out_of_later_collections(tiny):
+    """After a load, what is alive (the model included) is frozen: full collections then walk
+    only what the run makes afterwards. A model handed on by keep_models does not collect again."""
+    import gc
+
+    from prep.transforms.inference import keep_models
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    loaded = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu").load_model()
+    assert gc.get_freeze_count() > 1000
+    assert not any(o is loaded for o in gc.get_objects()), "frozen objects are outside the generations"
+    gc.unfreeze()
+    collects = []
+    gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and collects.append(1))
+    try:
+        with keep_models():
+            first = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu").load_model()
+            n = len(collects)
+            again = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu").load_model()
+    finally:
+        gc.callbacks.pop()
+    assert again is first and n >= 1 and len(collects) == n
