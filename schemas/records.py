@@ -98,6 +98,13 @@ class Sample:
     def with_(self, **changes) -> "Sample":
         return dataclasses.replace(self, **changes)
 
+    def payload_bytes(self) -> int:
+        """The bytes this sample carries in its encoded images and arrays (a size for
+        metrics, computed without copying any of them)."""
+        blobs = (self.raw, self.image_jpeg, self.mask_png)
+        arrays = (self.embedding, self.refs)
+        return sum(len(b) for b in blobs if b is not None) + sum(a.nbytes for a in arrays if a is not None)
+
     @classmethod
     def from_item(cls, item: SourceItem, **extra) -> "Sample":
         return cls(

@@ -247,3 +247,11 @@ def test_failing_finish_dead_letters_only_its_element_with_and_without_pool():
         handler = FinishFailsOnSix(max_batch_size=2, prepare_threads=threads)
         out = [r.inference for r in handler.run_inference(_samples(5), 2)]
         assert out == [1, 3, 5, Reject(DeadLetterKind.POSTPROCESSING_FAILED, "postprocessing failed: ValueError: cannot finish 6"), 9]
+
+
+def test_the_bytes_metric_counts_the_payload_without_pickling_the_batch(monkeypatch):
+    samples = [_sample(i) for i in range(3)]
+    samples[1] = samples[1].with_(embedding=np.zeros(32, np.float32))
+    want = sum(len(s.image_jpeg) + len(s.mask_png) for s in samples) + 32 * 4
+    monkeypatch.setattr(pickle, "dumps", lambda *a, **k: pytest.fail("the batch was pickled"))
+    assert _Doubler().get_num_bytes(samples) == want

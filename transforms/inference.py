@@ -194,6 +194,13 @@ class StageHandler(ModelHandler[Sample, Any, ModelT], Generic[ModelT]):
     def get_metrics_namespace(self) -> str:
         return f"prep.{self.stage}"
 
+    def get_num_bytes(self, batch: Sequence[Sample]) -> int:
+        """RunInference's bytes counter for a batch: its samples' payload (images, mask,
+        arrays). Beam's default measures it as `len(pickle.dumps(batch))`, every image copied
+        once more per stage: 14.5% of a stage's own time with an instant model (py-spy, mask at
+        CelebA size), for a metric."""
+        return sum(s.payload_bytes() for s in batch)
+
     def _prepare_one(self, sample: Sample, model: ModelT) -> tuple[bool, Any]:
         """(True, prepared) or (False, Reject): never raises, so the pool never holds an error."""
         try:
