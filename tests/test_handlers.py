@@ -298,7 +298,7 @@ def test_a_transform_that_does_not_split_runs_whole_on_the_host():
     assert torch.equal(loaded.device_pixels(loaded.batch(prepared)), torch.stack([odd(im) for im in images]))
 
 
-def test_masked_image_keeps_modes_without_copies_and_converts_others():
+def test_masked_image_gives_the_same_composite_from_other_modes():
     img = Image.new("RGB", (4, 2), (10, 20, 30))
     mask = Image.fromarray(np.array([[255, 0, 0, 255], [0, 0, 255, 0]], np.uint8), "L")
     want = np.asarray(masked_image(img, mask, (255, 0, 255)))
