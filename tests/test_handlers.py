@@ -233,6 +233,21 @@ def test_embed_handler_equals_open_clip_on_masked_image(tiny):
     assert not np.allclose(list(other.run_inference(samples[:1], other.load_model()))[0].inference, embs[0])
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_embed_runs_in_half_precision(tiny, precision):
+    """The GPU's default precision: open_clip's half casts leave class_embedding in fp32, so the
+    input must take the first layer's dtype, not the first parameter's (the first GPU check
+    failed on exactly this: float input to a half conv). Same check on CPU, same code path."""
+    half = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", precision=precision, max_batch_size=4)
+    full = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", max_batch_size=4)
+    samples = [_sample(i) for i in range(2)]
+    got = [r.inference for r in half.run_inference(samples, half.load_model())]
+    ref = [r.inference for r in full.run_inference(samples, full.load_model())]
+    for a, b in zip(got, ref):
+        assert a.dtype == np.float32 and np.linalg.norm(a) == pytest.approx(1.0, abs=1e-3)
+        assert float(np.dot(a, b)) > 0.99
+
+
 def test_embedding_independent_of_batch_companions(tiny):
     """Padded fixed-size batches: an element's embedding is bit-identical in any batch."""
     handler = EmbedHandler(tiny.clip_config, tiny.clip_weights, device="cpu", max_batch_size=4)

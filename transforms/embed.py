@@ -154,6 +154,19 @@ class LoadedClip:  # a class, not a tuple: Beam's Shared keeps a weak reference 
         return pixels.sub_(mean).div_(std)
 
 
+def input_dtype(net) -> Any:
+    """The dtype the image tower's first layer computes in. Not the first parameter's: open_clip's
+    fp16/bf16 casts only conv and linear weights, so `class_embedding` stays fp32 (a float input
+    to a half conv fails on the GPU)."""
+    import torch
+
+    tower = getattr(net, "visual", net)
+    for module in tower.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return module.weight.dtype
+    return next(net.parameters()).dtype
+
+
 class EmbedHandler(StageHandler):
     stage = STAGE
 
@@ -195,7 +208,7 @@ class EmbedHandler(StageHandler):
         import torch
 
         net = model.model
-        dtype = next(net.parameters()).dtype
+        dtype = input_dtype(net)
         with torch.inference_mode():
             batch = model.device_pixels(model.batch(prepared))
             feats = net.encode_image(batch.to(dtype)).float()
