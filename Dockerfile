@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/prep
 # Dependencies first (cached layer), then the code.
 COPY pyproject.toml README.md ./
-COPY __init__.py cli.py demo.py atomic.py device.py ./
+COPY __init__.py cli.py demo.py atomic.py device.py faults.py ./
 COPY schemas/ schemas/
 COPY transforms/ transforms/
 COPY pipeline/ pipeline/
@@ -33,7 +33,7 @@ RUN pip install --no-cache-dir . \
     && pip check \
     && python -c "import rembg"
 
-RUN if [ -n "$BAKE_MODELS" ]; then python -m prep.models.bake "$BAKE_MODELS"; fi
+RUN if [ -n "$BAKE_MODELS" ]; then python -m prep.pipeline.bake "$BAKE_MODELS"; fi
 
 # The Beam SDK harness entrypoint comes from the base image.
 ENTRYPOINT ["/opt/apache/beam/boot"]

@@ -12,7 +12,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary sibling and a rename (parent folders are made)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from prep.transforms.common import fault_point
+    from prep.faults import fault_point
 
     path = os.fspath(path)
     directory, name = path.rsplit("/", 1) if "/" in path else (".", path)

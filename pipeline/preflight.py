@@ -9,7 +9,7 @@ download from <url> at run time"; otherwise it is an error. All problems (each m
 where it was looked for and the ways out; each missing input) are raised together as one
 `PreflightFailed`, which the CLI prints in a few lines, exit status 2, with no traceback.
 On a non-local runner (Dataflow) the workers load the models, often from weights baked into
-their image (Dockerfile, models/bake.py): there a model missing on this machine is a warning.
+their image (Dockerfile, pipeline/bake.py): there a model missing on this machine is a warning.
 
 The preflight is fast on purpose (it imports neither torch nor rembg nor open_clip): offline,
 a failed `--preset small` is known in seconds instead of after workers have started, each
@@ -118,7 +118,7 @@ class Preflight:
             fixes = [fix for m in missing for fix in m.fixes]
             if any(m.download for m in missing):
                 fixes.append("run where the hubs are reachable (unset HF_HUB_OFFLINE): downloads go to the caches above; "
-                             "or fill the caches elsewhere with `python -m prep.models.bake PRESET` and copy them")
+                             "or fill the caches elsewhere with `python -m prep.pipeline.bake PRESET` and copy them")
             fixes.append(OFFLINE_WAY_OUT)
             lines += [f"  - {fix}" for fix in dict.fromkeys(fixes)]
         return "\n".join(lines)

@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 from prep.device import resolve_device
 from prep.models.locate import hf_hub_cache
-from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
+from prep.transforms.options import CaptionOptions
 from prep.transforms.inference import LAZY_LOCK, ModelUnavailable, Reject, StageHandler
 
 STAGE = "caption"
@@ -96,13 +96,13 @@ class CaptionHandler(StageHandler):
         model: str,
         *,
         prompt: Optional[str] = None,
-        max_new_tokens: int = RunConfig.default("caption_max_new_tokens"),
-        num_beams: int = RunConfig.default("caption_num_beams"),
+        max_new_tokens: int = CaptionOptions.max_new_tokens,
+        num_beams: int = CaptionOptions.num_beams,
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = RunConfig.default("caption_batch_size"),
+        max_batch_size: int = CaptionOptions.batch_size,
         large_model: bool = False,
         model_copies: Optional[int] = None,
         prepare_threads: int = 1,

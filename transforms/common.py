@@ -12,12 +12,13 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from prep.faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the stages
+
 # Every DoFn that can reject an element emits `beam.pvalue.TaggedOutput(DEAD, DeadLetter)`;
 # the main output carries the records that go on.
 DEAD = "dead_letter"
 METRICS_NAMESPACE = "prep"
 PROGRESS_ENV = "PREP_PROGRESS"  # a folder: each process leaves its counts there (local runs; _ProgressFile)
-FAULT_ENV = "PREP_FAULT"  # tests only: "POINT:N" kills the process the Nth time POINT is reached
 
 
 def stable_hash(text: str, seed: int | str = 0) -> int:
@@ -30,24 +31,6 @@ def dead(letter) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(DEAD, letter)
 
 
-_fault_hits: dict[str, int] = {}
-
-
-def fault_point(point: str) -> None:
-    """Fault injection for the kill tests: with PREP_FAULT=POINT:N set, the Nth arrival at
-    POINT in this process kills it with SIGKILL (no cleanup, like a preempted worker).
-    Unset (always, outside tests), this is one dictionary lookup."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    name, _, nth = spec.partition(":")
-    if name != point:
-        return
-    _fault_hits[point] = _fault_hits.get(point, 0) + 1
-    if _fault_hits[point] >= int(nth or 1):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _ProgressFile:

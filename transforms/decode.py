@@ -29,20 +29,19 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetter, DeadLetterKind, Sample
 from prep.transforms.common import counter, dead
+from prep.transforms.options import DecodeParams
 
 STAGE = "decode"
 # 8000 x 8000 by default; PIL's own default warns at ~89M and fails at 179M.
-DEFAULT_MAX_PIXELS = RunConfig.default("max_pixels")
+DEFAULT_MAX_PIXELS = DecodeParams.max_pixels
 ORIENTATION_TAG = 0x0112
 
 # Reason kinds (schemas.records.DeadLetterKind; a reason reads "<kind>: <details>").
@@ -69,15 +68,6 @@ class ImageRejected(ValueError):
 def _reject(kind: DeadLetterKind, details: str) -> ImageRejected:
     return ImageRejected(kind, f"{kind.value}: {details}")
 
-
-@dataclass(frozen=True)
-class DecodeParams:
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = RunConfig.default("min_side")
-    max_aspect: float = RunConfig.default("max_aspect")
-    max_side: Optional[int] = RunConfig.default("max_side")
-    jpeg_quality: int = 95
-    decoded_cache_mb: int = RunConfig.default("decoded_cache_mb")
 
 
 # --------------------------------------------------------------------------------------
@@ -341,7 +331,7 @@ class DecodedImages:
         return self._bytes
 
 
-DECODED = DecodedImages(RunConfig.default("decoded_cache_mb"))  # one per process
+DECODED = DecodedImages(DecodeParams.decoded_cache_mb)  # one per process
 
 
 def load_rgb(jpeg: bytes) -> Image.Image:
@@ -401,7 +391,7 @@ class DecodeImages(beam.DoFn):
             if self._reads is not None:
                 reads = self._reads.get(sample.domain, 0)
                 if sample.domain == "specific":
-                    from prep.transforms.pair import mode_of  # the one rule for a source's identity model
+                    from prep.transforms.verify import mode_of  # the one rule for a source's identity model
 
                     reads += int(mode_of(self._identity_modes, sample.source) in self._identity_staged)
             DECODED.put(jpeg, pixels, reads)  # the later stages find it decoded

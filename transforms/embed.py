@@ -17,10 +17,10 @@ import numpy as np
 
 from prep.device import resolve_device
 from prep.models.locate import hf_hub_cache
-from prep.pipeline.config import RunConfig
 from prep.schemas.records import Sample
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, StageHandler
+from prep.transforms.options import EmbedOptions
 from prep.transforms.mask import DEFAULT_FILL, load_mask, masked_image
 
 STAGE = "embed"
@@ -179,7 +179,7 @@ class EmbedHandler(StageHandler):
         device: str = "auto",
         precision: str = "auto",
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = RunConfig.default("embed_batch_size"),
+        max_batch_size: int = EmbedOptions.batch_size,
         prepare_threads: int = 1,
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)

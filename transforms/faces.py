@@ -23,7 +23,6 @@ by the image edge can fall outside it: they are clipped to the image.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,18 +30,19 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from prep.models.locate import (  # noqa: F401 - where the dlib weights are found; re-exported
+    DESCRIPTOR_FILE,
+    INSTALL_HINT,
+    LANDMARKS_FILE,
+    FaceModelMissing,
+    dlib_weights_dir,
+)
+
 DETECT_MAX_SIDE = 640
 DETECT_UPSAMPLE = 1
 ALIGNED_SIZE = 112
 # ArcFace's reference positions in a 112x112 crop (left eye, right eye, nose), in pixels.
 _ARCFACE_EYES_NOSE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366]], np.float64)
-
-INSTALL_HINT = "pip install dlib-bin face-recognition-models"
-
-
-class FaceModelMissing(RuntimeError):
-    """The face packages or weights are not installed; the message says how to install them."""
-
 
 @dataclass(frozen=True)
 class Face:
@@ -56,23 +56,6 @@ class Face:
     def area(self) -> int:
         x0, y0, x1, y1 = self.box
         return max(0, x1 - x0) * max(0, y1 - y0)
-
-
-def dlib_weights_dir() -> str:
-    """The folder of face-recognition-models' weight files, found without importing the package
-    (its __init__ needs pkg_resources, which current setuptools no longer ships)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FaceModelMissing(f"the face model weights are not installed: {INSTALL_HINT}")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "models")
-    for name in (LANDMARKS_FILE, DESCRIPTOR_FILE):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FaceModelMissing(f"{name} is missing from {folder}: reinstall with {INSTALL_HINT}")
-    return folder
-
-
-LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
-DESCRIPTOR_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 
 def dlib_available() -> bool:

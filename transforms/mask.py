@@ -21,13 +21,13 @@ import numpy as np
 from PIL import Image
 
 from prep.models.locate import is_custom_mask_model, rembg_model_files
-from prep.pipeline.config import RunConfig
 from prep.schemas.records import DeadLetterKind, Sample
 from prep.transforms.decode import load_rgb
 from prep.transforms.inference import ModelUnavailable, Reject, StageHandler
+from prep.transforms.options import MaskOptions
 
 STAGE = "mask"
-DEFAULT_FILL = RunConfig.default("mask_fill")
+DEFAULT_FILL = MaskOptions.fill
 
 
 def is_custom_model(model: str) -> bool:
@@ -139,11 +139,11 @@ class MaskHandler(StageHandler):
         self,
         model: str,
         *,
-        threshold: float = RunConfig.default("mask_threshold"),
+        threshold: float = MaskOptions.threshold,
         min_fraction: float = 0.0,
         device: str = "auto",
         min_batch_size: Optional[int] = None,
-        max_batch_size: int = RunConfig.default("mask_batch_size"),
+        max_batch_size: int = MaskOptions.batch_size,
         prepare_threads: int = 1,
     ):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, prepare_threads=prepare_threads)

@@ -63,6 +63,7 @@ from prep.transforms.verify import (
     Thresholds,
     Verdict,
     choose_refs,  # noqa: F401 - the reference choice, used by tests and bench.pairing from here
+    mode_of,  # noqa: F401 - the one rule for a source's identity model, used here and by decode
     verify_group,
 )
 
@@ -171,11 +172,6 @@ def _member(sample: Sample, modes: dict[str, str], verified: frozenset[str] = fr
         return identity_group(sample.source, sample.identity), Member(
             sample.key, sample.embedding, sample.split, candidate=candidate(sample, mode))
     return identity_group(sample.source, sample.identity), Member(sample.key, sample.embedding, sample.split)
-
-
-def mode_of(modes: dict[str, str], source: str) -> str:
-    """The identity model of a source ("*": every source)."""
-    return modes.get(source, modes.get("*", "none"))
 
 
 def _written_member(entry) -> tuple[str, Member]:

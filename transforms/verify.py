@@ -235,3 +235,8 @@ def verify_group(
             centre=None if centre is None else keys[centre],
         ))
     return verdicts
+
+
+def mode_of(modes: dict[str, str], source: str) -> str:
+    """The identity model of a source ("*": every source)."""
+    return modes.get(source, modes.get("*", "none"))

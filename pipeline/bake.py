@@ -1,6 +1,6 @@
 """Download (or build) a preset's three models into the caches, e.g. inside a container image:
 
-    python -m prep.models.bake paper
+    python -m prep.pipeline.bake paper
 
 Each model is loaded once through the same handler code the pipeline uses, which fills the
 Hugging Face cache (HF_HOME), rembg's home (REMBG_HOME) and open_clip's cache.
