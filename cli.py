@@ -104,7 +104,7 @@ def _run_cmd(
     """Caption, attribute-caption, mask, embed and pair images; write WebDataset shards (RUN_HELP)."""
     _setup_logging(verbose)
     from prep.pipeline import preflight
-    from prep.pipeline.beam_options import unknown_options
+    from prep.pipeline.beam_options import runner_problems, unknown_options
     from prep.pipeline.config import RunConfig
     from prep.schemas import contract
 
@@ -112,6 +112,7 @@ def _run_cmd(
         unknown = unknown_options(ctx.args, [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)])
     except ValueError as exc:
         unknown = [str(exc)]
+    unknown += runner_problems(ctx.args)  # a runner prep cannot run: refused before anything starts
     if unknown:
         typer.echo("\n".join(f"error: {line}" for line in unknown), err=True)
         raise typer.Exit(2)

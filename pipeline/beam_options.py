@@ -128,6 +128,52 @@ def unknown_options(args: Sequence[str], prep_options: Optional[Sequence[str]] =
     return problems
 
 
+# The runners prep runs. No --runner: Beam's in-memory FnApiRunner, prep's local runner
+# (pipeline/local.py, --workers N). Others are refused before anything starts.
+SUPPORTED_RUNNERS = ("DirectRunner", "DataflowRunner")
+_RUNNER_REASONS = {
+    "dask": "Beam's DaskRunner (2.77) mixes a step's tagged outputs, drops what finish_bundle emits, runs only one "
+            "leaf of the graph and has no metrics, all silently (reproduced without prep: python -m bench.dask_repro; "
+            "docs/scale.md)",
+    "prism": "the Prism runner downloads a binary at start; no --runner runs the same pipeline locally",
+}
+_BEAM_RUNNERS = ("bundlebaseddirect", "switchingdirect", "interactive", "flink", "fnapi", "kafkastreams", "portable",
+                 "prism", "spark", "testdirect", "testdataflow", "dask")
+
+
+def _runner_key(name: str) -> str:
+    key = name.rsplit(".", 1)[-1].lower()
+    return key[: -len("runner")] if key.endswith("runner") and key != "runner" else key
+
+
+def runner_problem(name: Optional[str]) -> Optional[str]:
+    """One sentence when `name` (a --runner value) is not a runner prep runs, else None."""
+    if not name:
+        return None
+    key = _runner_key(name)
+    if key in {_runner_key(r) for r in SUPPORTED_RUNNERS}:
+        return None
+    supported = "no --runner (local; --workers N), " + " or ".join(f"--runner={r}" for r in SUPPORTED_RUNNERS)
+    if key in _RUNNER_REASONS:
+        why = _RUNNER_REASONS[key]
+    elif key in _BEAM_RUNNERS:
+        why = "a Beam runner prep does not support (its pipeline is not tested there)"
+    else:
+        why = "not a runner Beam knows"
+    return f"--runner={name}: {why}; prep runs with {supported}"
+
+
+def runner_problems(args: Sequence[str]) -> list[str]:
+    """runner_problem for every --runner in `args` (`--runner=X` or `--runner X`)."""
+    found, args = [], list(args)
+    for i, arg in enumerate(args):
+        if arg == "--runner" and i + 1 < len(args):
+            found.append(runner_problem(args[i + 1]))
+        elif arg.startswith("--runner="):
+            found.append(runner_problem(arg.split("=", 1)[1]))
+    return [f for f in found if f]
+
+
 def check_beam_args(args: Sequence[str], prep_options: Optional[Sequence[str]] = None) -> None:
     """Raise UnknownOptions listing every option in `args` that is neither prep's nor Beam's."""
     problems = unknown_options(args, prep_options)

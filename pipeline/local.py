@@ -66,7 +66,13 @@ def is_local(options: PipelineOptions) -> bool:
 
 
 def check_options(options: PipelineOptions) -> None:
-    """Refuse the Beam options that lose or garble elements (see the module docstring)."""
+    """Refuse the Beam options that lose or garble elements (see the module docstring), and a
+    runner prep does not run (pipeline/beam_options.py)."""
+    from prep.pipeline.beam_options import runner_problem
+
+    problem = runner_problem(options.view_as(StandardOptions).runner)
+    if problem:
+        raise UnsafeRunnerOptions(problem)
     if is_local(options) and options.view_as(DirectOptions).direct_running_mode == "multi_threading":
         raise UnsafeRunnerOptions(MULTI_THREADING_REFUSED)
     for experiment in options.view_as(DebugOptions).experiments or []:

@@ -61,3 +61,38 @@ def test_validate_passes_on_pipeline_output(pipeline_run):
     result = runner.invoke(app, ["validate", pipeline_run["out"]])
     assert result.exit_code == 0, result.output
     assert "OK" in result.output
+
+
+def test_a_runner_prep_cannot_run_is_refused_before_anything(monkeypatch, tmp_path):
+    """One line, exit 2, naming the runners prep runs; no preflight, no OUT, no pipeline."""
+    def boom(*args, **kwargs):
+        raise AssertionError("reached past the option check")
+
+    monkeypatch.setattr("prep.pipeline.preflight.preflight", boom)
+    monkeypatch.setattr("prep.pipeline.run.run", boom)
+    out = tmp_path / "o"
+    for name, why in [("NoSuchRunner", "not a runner Beam knows"),
+                      ("apache_beam.runners.dask.dask_runner.DaskRunner", "bench.dask_repro"),
+                      ("FlinkRunner", "prep does not support")]:
+        result = runner.invoke(app, ["run", "--input", "folder:/nowhere", "--out", str(out), f"--runner={name}"])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --runner={name}: "), result.output
+        assert why in lines[0] and "--runner=DataflowRunner" in lines[0] and "--runner=DirectRunner" in lines[0]
+        assert not out.exists()
+    # `--runner X` (two tokens) is read too.
+    result = runner.invoke(app, ["run", "--input", "folder:/nowhere", "--out", str(out), "--runner", "Nope"])
+    assert result.exit_code == 2 and "--runner=Nope: not a runner Beam knows" in result.output
+
+
+def test_supported_runner_names_pass_and_the_library_refuses_too():
+    from prep.pipeline.beam_options import runner_problem
+    from prep.pipeline.local import UnsafeRunnerOptions, check_options
+
+    for ok in (None, "DirectRunner", "direct", "DataflowRunner", "dataflow",
+               "apache_beam.runners.dataflow.dataflow_runner.DataflowRunner"):
+        assert runner_problem(ok) is None, ok
+    import pytest
+
+    with pytest.raises(UnsafeRunnerOptions, match="not a runner Beam knows"):
+        check_options(PipelineOptions(["--runner=NoSuchRunner"]))
