@@ -19,7 +19,7 @@ one JSON line: images, seconds, images_per_s, peak_rss_mb (the largest process),
 peak_tree_rss_mb (all processes together, sampled), the manifest's counts and reconciliation,
 and the output's size on disk. Exits non-zero unless every input is accounted for.
 
-`--rows N` takes the first N rows (a quick check of the set-up; the figure in the README is
+`--rows N` takes the first N rows (a quick check of the set-up; the figure in docs/benchmarks.md is
 the whole file).
 """
 

@@ -100,7 +100,7 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def has_gpu() -> bool:
-    """Without importing torch in the launcher (see README: no torch work there)."""
+    """Without importing torch in the launcher (docs/design.md: no torch work in the launcher)."""
     return os.path.exists("/dev/nvidiactl")
 
 
@@ -118,7 +118,7 @@ def auto_workers(preset: str, device: str, cores: Optional[int] = None, memory: 
 
 # Below this many inputs (planned images, and SAMPLES_PER_TAR_GUESS per input tar) auto picks
 # one process: each SDK worker process costs ~10-20 s to start and load its models here, more
-# than a small run's whole work (the README's demo: ~7 s in one process).
+# than a small run's whole work (the demo: 21 s in one process, docs/benchmarks.md).
 AUTO_MIN_INPUTS = 5000
 SAMPLES_PER_TAR_GUESS = 1000
 

@@ -96,7 +96,7 @@ def test_faces_found_with_geometry_inside_the_image(photos):
         assert len(face.landmarks) == 5
         assert all(x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2 for x, y in face.landmarks)
         assert face.embedding.shape == (128,) and face.embedding.dtype == np.float32
-    # biden.jpg is full length: the face is a small share of the image (README: under 5%).
+    # biden.jpg is full length: the face is a small share of the image (the shared photos: under 5%).
     s = photos[("biden", "biden.jpg")]
     assert s.faces[0].area / (s.width * s.height) < 0.05
     assert len(photos[("obama", "two_people.jpg")].faces) == 2

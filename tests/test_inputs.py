@@ -46,8 +46,10 @@ def test_a_name_is_read_only_before_the_kind():
     assert parse_input("laion=wds:gs://b/laion/{0..9}.tar").name == "laion"
     assert parse_input("laion=wds:gs://b/laion/{0..9}.tar").location == "gs://b/laion/{0..9}.tar"
     # '=' and '#' inside a path or URL are the location's, never a name
-    assert parse_input("wds:gs://b/a=b/x#1.tar") == parse_input("wds:gs://b/a=b/x#1.tar")
-    assert parse_input("wds:gs://b/a=b/x#1.tar").name is None
+    spec = parse_input("wds:gs://b/a=b/x#1.tar")
+    assert (spec.kind, spec.location, spec.name) == ("wds", "gs://b/a=b/x#1.tar", None)
+    named = parse_input("web=wds:gs://b/a=b/x#1.tar")
+    assert (named.kind, named.location, named.name) == ("wds", "gs://b/a=b/x#1.tar", "web")
     assert parse_input("folder:/data/k=v").location == "/data/k=v"
     assert parse_input("cc3m=folder:/data/k=v").location == "/data/k=v"
 
@@ -270,19 +272,28 @@ def test_a_foreign_out_is_refused_and_overwrite_keeps_the_users_files(two_downlo
     manifest = run(_general_config([f"wds:{laion['general_dir']}"], str(out), tiny_cache, overwrite=True), [])
     assert manifest["counts"]["general"] == 6
     assert (out / "notes.txt").read_text() == "my notes"
-    # a user's file inside one of prep's folders survives a second --overwrite too
+    # a user's file inside one of prep's folders survives a second --overwrite too, even one
+    # named like prep's own (README.md is the card's name at OUT's top; a shard name with a
+    # suffix), while prep's own stale files there (a shard of an earlier, bigger run, its
+    # sidecar and a temporary sibling) are removed: both halves of clear_output's rule.
     (out / "general" / "README.md").write_text("mine")
+    (out / "general" / "000000.tar.orig").write_text("backup")
+    stale = ["000009.tar", "000009.parquet", "000009_stats.json", ".000009.tar.tmp-0123456789ab"]
+    for name in stale:
+        (out / "general" / name).write_text("stale")
     (out / "test").mkdir()
     (out / "test" / "data.csv").write_text("a,b")
     run(_general_config([f"wds:{laion['general_dir']}"], str(out), tiny_cache, overwrite=True), [])
     assert (out / "general" / "README.md").read_text() == "mine"
+    assert (out / "general" / "000000.tar.orig").read_text() == "backup"
+    assert [name for name in stale if (out / "general" / name).exists()] == []
     assert (out / "test" / "data.csv").read_text() == "a,b"
     assert (out / "notes.txt").read_text() == "my notes"
     assert validate_output(str(out)).counts["general"] == 6
 
     clear_output(str(out))
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert left == ["general/README.md", "notes.txt", "test/data.csv"]
+    assert left == ["general/000000.tar.orig", "general/README.md", "notes.txt", "test/data.csv"]
 
 
 def test_an_output_without_samples_is_not_ok_and_the_run_exits_1(tmp_path, tiny, tiny_cache):
