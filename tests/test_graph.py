@@ -51,6 +51,7 @@ DATAFLOW_ARGS = [
     "--machine_type=g2-standard-8", "--number_of_worker_harness_threads=1",
 ]
 CELEBA_IMAGES = 202_599
+SCALE_ITEMS = 60_000  # the staging test's plan: over INLINE_ITEMS, two items files
 
 # Dataflow's documented limits: a job graph of at most 10 MB (the JSON request: 20 MB).
 JOB_GRAPH_LIMIT = 10 * 2**20
@@ -515,14 +516,34 @@ if __name__ == "__main__":
     print(json.dumps(check_payloads(pickle.loads(Path(sys.argv[1]).read_bytes()))))  # deliberate: our own DoFn payloads, written by this test
 
 
-def test_items_from_files_keep_the_graph_small_at_any_scale(plan):
-    """Above INLINE_ITEMS, run() stages the items in OUT/_plan/ and the graph reads them there."""
-    from prep.pipeline.build import build_pipeline
+def test_items_from_files_keep_the_graph_small_at_any_scale(plan, tmp_path):
+    """Planned items inline (beam.Create) grow the job graph with every item (at CelebA scale,
+    megabytes of Dataflow's 10 MB limit); stage_items() writes them under OUT/_plan/ and the
+    graph reads them there, so it stays the size of the demo's. Checked at 60,000 items (over
+    INLINE_ITEMS, two staged files): fails if staging stops happening (the threshold, the
+    files, or build_pipeline reading them)."""
+    from prep.pipeline.build import INLINE_ITEMS, build_pipeline, stage_items
+    from prep.schemas import contract
 
-    def graph_bytes(pattern):
-        staged = dataclasses.replace(plan, items_pattern=pattern)
-        report = check_graph(lambda p: build_pipeline(p, staged), fresh_process=False)
+    def graph_bytes(p):
+        report = check_graph(lambda pipeline: build_pipeline(pipeline, p), fresh_process=False)
         assert report.ok, report.problems
         return report.graph_bytes
 
-    assert graph_bytes("gs://b/out/_plan/items-*.jsonl") < JOB_GRAPH_LIMIT / 20
+    n = len(plan.items)
+    items = [dataclasses.replace(plan.items[i % n], key=f"celeba_{i:06d}", path=f"/data/img/{i:06d}.jpg")
+             for i in range(SCALE_ITEMS)]
+    big = dataclasses.replace(plan, items=items, items_pattern=None)
+    out = tmp_path / "out"
+    stage_items(big, str(out))
+    assert big.items_pattern == f"{out}/{contract.PLAN_DIR}/items-*.jsonl"
+    staged_lines = sum(len(f.read_text().splitlines()) for f in (out / contract.PLAN_DIR).glob("items-*.jsonl"))
+    assert staged_lines == SCALE_ITEMS and len(list((out / contract.PLAN_DIR).glob("items-*.jsonl"))) == 2
+    demo = dataclasses.replace(plan, items_pattern=None)
+    stage_items(demo, str(tmp_path / "small"))
+    assert demo.items_pattern is None and len(demo.items) <= INLINE_ITEMS  # the demo stays inline
+    staged, small = graph_bytes(big), graph_bytes(demo)
+    assert staged < JOB_GRAPH_LIMIT / 20 and abs(staged - small) < 0.05 * small, (staged, small)
+    # The same items inline: every item is in the graph (the check above can fail).
+    inline = graph_bytes(dataclasses.replace(big, items_pattern=None))
+    assert inline - small > 10 * SCALE_ITEMS, (inline, small)
