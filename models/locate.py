@@ -71,6 +71,14 @@ class ModelLocation:
     def host(self) -> Optional[str]:
         return urlparse(self.download).hostname if self.download else None
 
+    @property
+    def port(self) -> Optional[int]:
+        """The port a download connects to: the URL's own (HF_ENDPOINT=http://mirror:8080), else its scheme's."""
+        if not self.download:
+            return None
+        url = urlparse(self.download)
+        return url.port or (80 if url.scheme == "http" else 443)
+
 
 def hf_home() -> str:
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -4,8 +4,9 @@ before OUT is touched; `prep run --dry-run` prints what it found and the plan.
 Models resolve from local files only (models/locate.py, one function per loader; nothing is
 downloaded here). A model that is not on disk is accepted only when the run may download it:
 HF_HUB_OFFLINE is not set (prep applies it to every hub, not only Hugging Face's) and a TCP
-connection to the host it would come from opens within 2 s. It is then reported as "will
-download from <url> at run time"; otherwise it is an error. All problems (each missing model,
+connection to the host and port it would come from (HF_ENDPOINT moves the Hugging Face ones)
+opens within PROBE_TIMEOUT_S (2 s). It is then reported as "will download from <url> at run
+time"; otherwise it is an error. All problems (each missing model,
 where it was looked for and the ways out; each missing input) are raised together as one
 `PreflightFailed`, which the CLI prints in a few lines, exit status 2, with no traceback.
 On a non-local runner (Dataflow) the workers load the models, often from weights baked into
@@ -48,7 +49,8 @@ class PreflightFailed(ValueError):
 
 
 def network_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` (through HTTPS_PROXY when set)."""
+    """Whether a TCP connection to host:port opens within `timeout` (through HTTPS_PROXY when set).
+    A connection only: no HTTP request is sent, so a hub that answers 404 for the model counts."""
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     if proxy:
         parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
@@ -73,14 +75,14 @@ class Preflight:
 
     models: list[ModelLocation] = field(default_factory=list)
     inputs: list[InputCheck] = field(default_factory=list)
-    reachable: dict[str, bool] = field(default_factory=dict)  # host -> probe result
+    reachable: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) -> probe result
     offline: bool = False  # HF_HUB_OFFLINE: no probe, nothing may download
     remote: bool = False  # a non-local runner (Dataflow): the workers load the models, not this machine
     memory: object = None  # gpu_plan.GpuPlan when the models run on a GPU
     seconds: float = 0.0
 
     def will_download(self, m: ModelLocation) -> bool:
-        return not m.local and m.problem is None and m.download is not None and self.reachable.get(m.host, False)
+        return not m.local and m.problem is None and m.download is not None and self.reachable.get((m.host, m.port), False)
 
     def missing(self) -> list[ModelLocation]:
         if self.remote:
@@ -105,7 +107,8 @@ class Preflight:
         if self.offline:
             net = "HF_HUB_OFFLINE is set, so it is not downloaded"
         else:
-            net = f"{m.host} is not reachable (nothing was downloaded)"
+            hub = m.host if urlparse(m.download or "").port is None else f"{m.host}:{m.port}"
+            net = f"{hub} is not reachable (nothing was downloaded)"
         return f"{m.stage} model {m.model}: not found locally (looked in {where}); {net}"
 
     def message(self) -> str:
@@ -186,10 +189,10 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
     report = Preflight(offline=hf_offline(), remote=not is_local(PipelineOptions(list(beam_args))))
     report.inputs = [check_input(spec) for spec in config.inputs]
     report.models = needed_models(config)
-    hosts = sorted({m.host for m in report.models if not m.local and m.problem is None and m.host})
-    if hosts and not report.offline and not report.remote:  # probed at once: one timeout, not one per host
-        with ThreadPoolExecutor(len(hosts)) as pool:
-            report.reachable = dict(zip(hosts, pool.map(lambda h: network_reachable(h), hosts)))
+    targets = sorted({(m.host, m.port) for m in report.models if not m.local and m.problem is None and m.host})
+    if targets and not report.offline and not report.remote:  # probed at once: one timeout, not one per host
+        with ThreadPoolExecutor(len(targets)) as pool:
+            report.reachable = dict(zip(targets, pool.map(lambda t: network_reachable(*t), targets)))
     # The GPU memory plan; with --device auto it imports torch (~3 s) to see a GPU: a run
     # that stops anyway for missing models or inputs does not wait for that.
     if not raise_on_problems or not report.problems() or config.device != "auto":
