@@ -28,16 +28,11 @@ log = logging.getLogger("prep")
 
 
 def _register_subcommands() -> None:
-    from prep.trainer.cli import register  # imports only typer: `prep --help` stays fast
+    from prep.trainer.cli import (
+        register,  # imports only typer: `prep --help` stays fast
+    )
 
     register(app)
-
-
-class _DropImportNoise(logging.Filter):
-    """Beam warns at import that optional GCP client libraries are absent; that is expected."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -45,9 +40,13 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropImportNoise())
-    from prep.pipeline.console import WarnOnce, WorkerLogEntries  # imports Beam: after the filter above
+    from prep.pipeline.quiet import drop_import_noise
+
+    drop_import_noise()
+    from prep.pipeline.console import (  # imports Beam: after the filter above
+        WarnOnce,
+        WorkerLogEntries,
+    )
 
     once = WarnOnce()
     for handler in logging.getLogger().handlers:
@@ -136,9 +135,14 @@ def _run_cmd(
     local = not any(a.startswith("--runner") for a in ctx.args)
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
+    from prep.pipeline.interrupts import Interrupted, interruptible
+
     try:
-        with RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress, verbose=verbose):
+        with interruptible(), RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress,
+                                         verbose=verbose):
             manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
+    except Interrupted as exc:  # Ctrl-C / SIGTERM: one line (said already), 130 / 143, OUT resumable
+        raise typer.Exit(exc.exit_code) from None
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

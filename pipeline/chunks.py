@@ -52,9 +52,10 @@ from prep.atomic import write_atomic
 from prep.pipeline.build import RunPlan, _exact_duplicates_section, stage_items
 from prep.pipeline.local import SAMPLES_PER_TAR_GUESS, thread_environment
 from prep.pipeline.outputs import build_manifest, dead_letter_lines, write_run_outputs
+from prep.pipeline.quiet import chunk_worker_init
 from prep.schemas import contract, output
 from prep.schemas.records import SPECIFIC, DeadLetter, ShardInfo, SourceItem
-from prep.transforms.inference import keep_models, keep_models_in_this_process
+from prep.transforms.inference import keep_models
 from prep.transforms.pair import IdentityTotals, identity_group
 from prep.transforms.write import ShardRow, members_tar_bytes, write_shard_files
 
@@ -230,11 +231,6 @@ def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Calla
     return stitch(out, plan, len(chunks)), dict(sorted(counters.items()))
 
 
-def _keep_models_in_worker() -> None:
-    """A chunk worker's initializer: its models stay loaded from one chunk to the next."""
-    keep_models_in_this_process()
-
-
 @contextlib.contextmanager
 def chunk_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """`workers` fresh processes (spawned: no inherited threads or torch state), each with the
@@ -243,7 +239,7 @@ def chunk_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     did not finish has no done marker and is redone (resumed) by the next run."""
     with thread_environment(workers):
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_keep_models_in_worker)
+                                   initializer=chunk_worker_init)
         try:
             yield pool
         except BaseException:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Optional, Sequence
 
@@ -17,13 +18,25 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
-from prep.pipeline.build import build_pipeline, clear_output, foreign_files, output_exists, plan_run, stage_items
+from prep.pipeline.build import (
+    build_pipeline,
+    clear_output,
+    foreign_files,
+    output_exists,
+    plan_run,
+    stage_items,
+)
 from prep.pipeline.config import RunConfig
-from prep.pipeline.console import format_stage_table, make_local_runner, planned_totals, stage_counters
+from prep.pipeline.console import (
+    format_stage_table,
+    make_local_runner,
+    planned_totals,
+    stage_counters,
+)
 from prep.pipeline.local import (
+    SAMPLES_PER_TAR_GUESS,
     check_options,
     is_local,
-    SAMPLES_PER_TAR_GUESS,
     resolve_workers,
     sets_direct_options,
     worker_args,
@@ -60,6 +73,28 @@ def make_runner(options: PipelineOptions):
     if options.view_as(StandardOptions).runner:
         return None
     return make_local_runner(provision_info=worker_provision_info(options))  # pipeline/console.py: workers' output
+
+
+def notice(text: str) -> None:
+    """A line about what the run does, in the console's style ([prep  1.2s] ...) when a local
+    run's console shows progress, else on stderr as `prep: ...` (never a timestamped log line)."""
+    from prep.transforms.common import _console
+
+    if _console() is not None:
+        progress_note(text)
+    else:
+        print(f"prep: {text}", file=sys.stderr, flush=True)
+
+
+def what_differs(state: dict, config: RunConfig) -> str:
+    """Which settings of a partial run's recorded config (its _run.json) this config changes,
+    e.g. `--seed 0 -> 1`; else its inputs' files or models' weights differ (the digest covers them)."""
+    before = state.get("config") or {}
+    now = config.to_json()
+    changed = [name for name in config.digest_json() if name in before and before[name] != now.get(name)]
+    if changed:
+        return ", ".join(f"--{name.replace('_', '-')} {before[name]!r} -> {now.get(name)!r}" for name in changed)
+    return "its inputs (files found) or its models' weights, not its settings"
 
 
 def read_manifest(out: str) -> dict:
@@ -126,20 +161,20 @@ def run(
                 f"--retry-dead-letter must use the config, inputs and models of the run in {config.out}; they differ"
             )
         resume = scan_for_retry(out, read_manifest(out))
-        log.warning("retrying %d dead-lettered input(s) of %s", len(resume.only_keys), out)
+        notice(f"retrying {len(resume.only_keys)} dead-lettered input(s) of {out}")
     elif (complete or partial) and config.overwrite:
         clear_output(out)
     elif partial:
         state = read_run_state(out)
         if state is None or state.get("digest") != digest:
-            why = "was not written by prep" if state is None else "comes from a different config, inputs or models"
+            why = "was not written by prep" if state is None else f"differs: {what_differs(state, config)}"
             raise OutputExists(f"{config.out} holds a partial run that {why}; pass --overwrite to replace it")
         if chunks.read_chunk_plan(out) is not None:  # a chunked run resumes chunk by chunk
-            log.warning("resuming the chunked run in %s", out)
+            notice(f"resuming the chunked run in {out}: finished chunks are kept")
         else:
             resume = scan_completed(out)
-            log.warning("resuming %s: %d complete shard(s) kept (%d samples), %d partial file(s) removed",
-                        out, len(resume.shards), len(resume.done_keys), len(resume.removed))
+            notice(f"resuming {out}: {len(resume.shards)} complete shard(s) kept ({len(resume.done_keys)} samples), "
+                   f"{len(resume.removed)} partial file(s) removed")
     write_run_state(out, digest, config.to_json())
     stage_items(plan, out)
     for report in plan.reports:

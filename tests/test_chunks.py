@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_same_output, demo_config
+from prep.pipeline import quiet
 from prep.pipeline.chunks import Chunk, plan_chunks, read_chunk_plan
 from prep.pipeline.run import run
 from prep.schemas import contract
@@ -169,6 +170,6 @@ def test_a_chunk_worker_keeps_its_models_for_its_whole_life(monkeypatch):
     from prep.transforms import inference
 
     monkeypatch.setattr(inference, "_kept", None)
-    chunks._keep_models_in_worker()
+    quiet.chunk_worker_init()
     gc.collect()
     assert inference._kept == {}

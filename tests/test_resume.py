@@ -61,7 +61,7 @@ def test_partial_run_of_another_config_is_refused(demo, tiny_cache, tmp_path):
     env = {**os.environ, "PREP_FAULT": "write.after_tar:1"}
     proc = subprocess.run(_cli_args(demo, out, tiny_cache), env=env, capture_output=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    with pytest.raises(OutputExists, match="different config"):
+    with pytest.raises(OutputExists, match=r"partial run that differs: --refs-per-sample 2 -> 3;"):
         run(demo_config(demo, str(out), tiny_cache, refs_per_sample=3), [])
     manifest = run(demo_config(demo, str(out), tiny_cache, refs_per_sample=3, overwrite=True), [])
     assert manifest["reconciled"] and "resumed" not in manifest
