@@ -202,8 +202,9 @@ def validate_cmd(out: str = typer.Argument(..., help="output directory of prep r
 
 @app.command("inspect")
 def inspect_cmd(
-    out: str = typer.Argument(..., help="output directory of prep run (local path or gs://...)"),
-    html: str = typer.Option("report.html", "--out", "-o", help="where to write the HTML page"),
+    out_dir: str = typer.Argument(..., metavar="OUT", help="output directory of prep run (local path or gs://...)"),
+    html: str = typer.Option("report.html", "--html", "--out", "-o",
+                             help="where to write the HTML page (--out: the older name, still accepted)"),
     samples: int = typer.Option(24, min=0, help="triplets on the contact sheet"),
     seed: int = typer.Option(0, help="seed that chooses the triplets"),
     identity: Optional[str] = typer.Option(None, help="contact sheet: only this identity (glob)"),
@@ -214,7 +215,7 @@ def inspect_cmd(
     from prep.report import format_summary, inspect_output
 
     try:
-        summary = inspect_output(out, html, samples=samples, seed=seed, identity=identity, key=key)
+        summary = inspect_output(out_dir, html, samples=samples, seed=seed, identity=identity, key=key)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -77,6 +78,18 @@ def ensure_tiny_models(cache_dir: str | os.PathLike | None = None) -> TinyModels
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return models
+
+
+def built_at_random(path: Optional[str]) -> bool:
+    """Whether `path` lies in a tiny-model folder this module built (random weights): a
+    `tiny-v{N}` folder with its COMPLETE marker, at any depth above the path."""
+    if not path:
+        return False
+    try:
+        here = Path(os.path.expanduser(path)).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return any(p.name.startswith("tiny-v") and (p / "COMPLETE").is_file() for p in (here, *here.parents))
 
 
 def build_all(work: str) -> None:

@@ -18,25 +18,50 @@ from typing import Optional
 import apache_beam as beam
 
 import prep
+from prep.atomic import write_atomic
 from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
+from prep.pipeline.fingerprint import (
+    fingerprint_caption,
+    fingerprint_clip,
+    fingerprint_face,
+    fingerprint_mask,
+)
 from prep.pipeline.gpu_plan import caption_copies
-from prep.pipeline.fingerprint import fingerprint_caption, fingerprint_clip, fingerprint_face, fingerprint_mask
 from prep.pipeline.outputs import WriteDeadLetters, WriteDigests, WriteManifest
 from prep.pipeline.resume import Continuation
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
-from prep.atomic import write_atomic
 from prep.schemas import contract
-from prep.schemas.records import GENERAL, SPECIFIC, DeadLetter, DeadLetterKind, Sample, SourceItem, SourceReport
+from prep.schemas.records import (
+    GENERAL,
+    SPECIFIC,
+    DeadLetter,
+    DeadLetterKind,
+    Sample,
+    SourceItem,
+    SourceReport,
+)
 from prep.transforms import sources
 from prep.transforms.attributes import add_attribute_caption
 from prep.transforms.caption import CaptionHandler
 from prep.transforms.common import DEAD, counter, dead
 from prep.transforms.decode import DecodeImages, DecodeParams
 from prep.transforms.embed import EmbedHandler, embed_dim, null_embedding
+from prep.transforms.identity import (
+    DropListed,
+    ExactDuplicates,
+    IdentityHandler,
+    duplicate_letters,
+)
 from prep.transforms.inference import ModelStage
 from prep.transforms.mask import MaskHandler
-from prep.transforms.identity import DropListed, ExactDuplicates, IdentityHandler, duplicate_letters
-from prep.transforms.pair import IdentityTotals, PairByIdentity, is_outlier, mode_of, null_refs, outlier_letter
+from prep.transforms.pair import (
+    IdentityTotals,
+    PairByIdentity,
+    is_outlier,
+    mode_of,
+    null_refs,
+    outlier_letter,
+)
 from prep.transforms.write import WriteShards
 
 
@@ -82,7 +107,8 @@ class RunPlan:
         """The manifest's "models": each handler's settings and its weights' fingerprint."""
         fingerprints = self.hash_model_weights()
         handlers = {"caption": self.caption, "mask": self.mask, "embed": self.embed}
-        header = {stage: {**handler.describe(), "fingerprint": fingerprints[stage]} for stage, handler in handlers.items()}
+        header = {stage: {**handler.describe(), "fingerprint": fingerprints[stage],
+                          "random_weights": random_weights(stage, handler)} for stage, handler in handlers.items()}
         if "face" in self.identity:
             header["identity"] = {**self.identity["face"].describe(), "fingerprint": fingerprints["identity"]}
         return header
@@ -119,6 +145,16 @@ class RunPlan:
             if item.domain == SPECIFIC:
                 counts[item.split or TRAIN] = counts.get(item.split or TRAIN, 0) + 1
         return dict(sorted(counts.items()))
+
+
+def random_weights(stage: str, handler) -> bool:
+    """Whether a stage's model has random weights: built by prep (the tiny preset's models,
+    models/tiny.py), or an open_clip architecture with no pretrained weights named."""
+    from prep.models.tiny import built_at_random
+
+    if stage == "embed":
+        return not handler.pretrained or built_at_random(handler.pretrained) or built_at_random(handler.model_id)
+    return built_at_random(handler.model_id)
 
 
 def plan_run(config: RunConfig) -> RunPlan:

@@ -22,7 +22,7 @@ from prep.atomic import write_atomic
 from prep.schemas.card import write_dataset_card
 from prep.schemas import contract
 from prep.schemas.contract import WIDS_INDEX
-from prep.schemas.records import DOMAINS, DeadLetter, ShardInfo
+from prep.schemas.records import DeadLetter, ShardInfo
 from prep.transforms.common import fault_point
 
 
@@ -42,9 +42,10 @@ def wids_index(domain: str, shards: list[ShardInfo]) -> dict[str, Any]:
 
 
 def shard_folders(shards: list[ShardInfo]) -> list[str]:
-    """The folders (relative to OUT) that get a sizes.json and a wids index: every domain's
-    train folder, "<domain>", and "<split>/<domain>" for the other splits that have shards."""
-    folders = set(DOMAINS) | {contract.shard_folder(s.split, s.domain) for s in shards}
+    """The folders (relative to OUT) that get a sizes.json and a wids index: "<domain>" (train)
+    and "<split>/<domain>", each that has shards. A domain without samples (no general input:
+    a folder of your own photos) has no folder at all, not an empty one."""
+    folders = {contract.shard_folder(s.split, s.domain) for s in shards}
     return sorted(folders, key=lambda f: (f.count("/"), f))
 
 
@@ -167,7 +168,7 @@ def write_run_outputs(out: str, manifest: dict, shards: list[ShardInfo]) -> None
     a folder with a manifest holds a complete run). The pipeline's manifest step and the chunk
     stitcher (pipeline/chunks.py) both end here."""
     out = out.rstrip("/")
-    folders = {(contract.TRAIN, d) for d in DOMAINS} | {(s.split, s.domain) for s in shards}
+    folders = {(s.split, s.domain) for s in shards}  # as shard_folders(): only folders with shards
     for split, domain in sorted(folders):
         mine = [s for s in shards if s.split == split]
         base = f"{out}/{contract.shard_folder(split, domain)}"

@@ -273,6 +273,8 @@ def format_summary(manifest: dict, out: str) -> str:
     """The end of `prep run`: the per-stage table (pipeline/console.py: stage_rows; its numbers
     are the manifest's), where the shards went, identity totals, dead letters by reason, sources.
     A source's warnings were logged when the run started: here they are counted, not repeated."""
+    from prep.schemas.output import random_weights_note
+
     counts = manifest["counts"]
     lines = format_stage_table(manifest)
     lines.append(
@@ -310,4 +312,7 @@ def format_summary(manifest: dict, out: str) -> str:
     if counts["dead_lettered"]:
         lines.append(f"dead letters: {out.rstrip('/')}/{contract.DEAD_LETTER_DIR}/")
     lines.append(f"manifest: {out.rstrip('/')}/{contract.MANIFEST}")
+    note = random_weights_note(manifest)
+    if note:
+        lines.append(note)
     return "\n".join(lines)

@@ -22,6 +22,9 @@ _MAX_INT_BINS = 40
 _FLOAT_BINS = 20
 
 
+MAX_DECIMALS = 4  # past this, a float axis is labelled as offsets from a round base
+
+
 @dataclass(frozen=True)
 class Bins:
     """Bin edges: bin i holds values in [edges[i], edges[i+1]) (the last bin is closed)."""
@@ -49,13 +52,27 @@ class Bins:
             return f"{a_int}" if a_int == b_int else f"{a_int}–{b_int}"
         return f"{self.fmt(a)}–{self.fmt(b)}"
 
+    def _decimals(self) -> int:
+        step = (self.edges[-1] - self.edges[0]) / (len(self.edges) - 1)
+        return min(12, max(0, -math.floor(math.log10(step))) + 1) if step > 0 else 6
+
+    def base(self) -> Optional[float]:
+        """For a range too narrow to label plainly (unit-norm embeddings: 0.99999994 to
+        1.00000005), the round value the ticks are offsets from; else None."""
+        if self.integer or self._decimals() <= MAX_DECIMALS:
+            return None
+        middle = (self.edges[0] + self.edges[-1]) / 2
+        return round(middle, MAX_DECIMALS)
+
     def fmt(self, value: float) -> str:
-        """`value` with just enough decimals to tell neighbouring edges apart."""
+        """`value` with just enough decimals to tell neighbouring edges apart; in a narrow range
+        (see `base`) its offset from the base in two significant digits, e.g. `+5.2e-08`."""
         if self.integer:
             return str(int(value))
-        step = (self.edges[-1] - self.edges[0]) / (len(self.edges) - 1)
-        decimals = min(12, max(0, -math.floor(math.log10(step))) + 1) if step > 0 else 6
-        text = f"{value:.{decimals}f}"
+        base = self.base()
+        if base is not None:
+            return "0" if value == base else f"{value - base:+.2g}"
+        text = f"{value:.{self._decimals()}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
 
 
@@ -161,6 +178,9 @@ def histogram_svg(
         ]
     for x, text, anchor in ticks:
         parts.append(f'<text class="tick" x="{x:.1f}" y="{base_y + 13}" text-anchor="{anchor}">{escape(text)}</text>')
+    base = bins.base()
+    if base is not None:
+        x_label = f"{x_label} − {base:g}"  # the ticks are offsets from the base
     parts.append(
         f'<text class="axis-label" x="{_LEFT + plot_w / 2:.1f}" y="{_HEIGHT - 4}" text-anchor="middle">'
         f"{escape(x_label)}</text>"

@@ -37,6 +37,7 @@ from prep.report.read import (
     read_manifest,
 )
 from prep.schemas import contract
+from prep.schemas.output import random_weights_note
 from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC
 from prep.transforms.write import mask_fraction
 
@@ -125,6 +126,7 @@ def inspect_output(
         "sampled": chosen,
         "sidecar_shards": index.from_sidecar,
         "problems": problems,
+        "random_weights": random_weights_note(manifest) is not None,
     }
     page = ReportPage(
         out_dir=out_dir,
@@ -144,6 +146,7 @@ def inspect_output(
         sheet_note=sheet_note,
         problems=problems,
         data={k: v for k, v in summary.items() if k != "problems"},
+        notices=[n for n in [random_weights_note(manifest)] if n],
     )
     page.identity_html, summary["identity"] = _identity_view(index, manifest, problems)
     html = render_page(page).encode("utf-8")
@@ -355,7 +358,9 @@ def _open_image(data: Any) -> Image.Image:
 
 
 def _triplet(key: str, index: OutputIndex, fetched: dict[str, dict], problems: list[str]) -> Triplet:
-    from prep.transforms.mask import masked_image  # the embed stage's own x ⊗ m (imports torch: lazily)
+    from prep.transforms.mask import (
+        masked_image,  # the embed stage's own x ⊗ m (imports torch: lazily)
+    )
 
     entry = index.entries[key]
     shard = index.shards[entry.shard].rel

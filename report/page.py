@@ -45,6 +45,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .card .l { color: var(--muted); font-size: 12px; }
 .ok { color: #1e7d32; } .bad { color: var(--bad); }
 .problems { border-left: 4px solid var(--bad); background: #fdf0ef; padding: 6px 12px; margin: 10px 0; }
+.notice { border-left: 4px solid #c77c02; background: #fff6e0; padding: 6px 12px; margin: 10px 0; }
 .problems li { font-size: 12px; }
 .charts { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 6px; }
@@ -158,6 +159,7 @@ class ReportPage:
     problems: list[str]
     data: dict[str, Any] = field(default_factory=dict)  # embedded as JSON (#summary-data)
     identity_html: str = ""  # the identity view (report/identity_view.py), already rendered
+    notices: list[str] = field(default_factory=list)  # one line each, above everything (e.g. random weights)
 
 
 def caption_parts(caption: str, vlm: Optional[str], attributes: Optional[str]) -> list[tuple[str, str]]:
@@ -198,6 +200,8 @@ def render_page(page: ReportPage) -> str:
         '<div class="meta">' + " · ".join(f"{escape(k)}: <b>{escape(v)}</b>" for k, v in page.header.items()) + "</div>",
         "</header><main>",
     ]
+    for notice in page.notices:
+        out.append(f'<div class="notice" id="notice"><b>Note</b> {escape(notice)}</div>')
     if page.problems:
         shown = page.problems[:20]
         more = f"<li>... and {len(page.problems) - len(shown)} more</li>" if len(page.problems) > len(shown) else ""

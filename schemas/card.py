@@ -20,7 +20,7 @@ import yaml
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
-from prep.schemas import contract
+from prep.schemas import contract, output
 
 
 def card_configs(shards: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,11 +85,15 @@ def _models(manifest: dict[str, Any]) -> list[str]:
     for stage, info in sorted((manifest.get("models") or {}).items()):
         if not isinstance(info, dict):
             continue
-        name = str(info.get("model") or "")
+        name = str(info.get("model") or info.get("face_model") or info.get("mode") or "")
         # A hub id ("Salesforce/blip2-opt-2.7b") is shown whole; a local path by its last part.
         shown = name.rstrip("/").rsplit("/", 1)[-1] if name.startswith(("/", ".", "~", "gs://")) else name
         sha = ((info.get("fingerprint") or {}).get("sha256") or "")[:12]
-        lines.append(f"- {stage}: `{shown}`" + (f" (weights sha256 {sha}...)" if sha else ""))
+        random = " (random weights)" if info.get("random_weights") else ""
+        lines.append(f"- {stage}: `{shown}`" + (f" (weights sha256 {sha}...)" if sha else "") + random)
+    note = output.random_weights_note(manifest)
+    if note:
+        lines.extend(["", f"**{note[0].upper()}{note[1:]}.**"])
     return lines
 
 

@@ -133,3 +133,19 @@ def manifest_shard_counts(manifest: Optional[dict]) -> dict[str, int]:
             folder = contract.shard_folder(entry.get("split") or contract.TRAIN, str(entry.get("domain")))
             counts[f"{folder}/{entry.get('name')}"] = entry["count"]
     return counts
+
+
+RANDOM_WEIGHTS_HINT = "use --preset small or paper (or your own models) for real ones"
+
+
+def random_weights_note(manifest: Optional[dict]) -> Optional[str]:
+    """One line when the manifest's models were built at random (`random_weights`: the tiny
+    preset, or an open_clip model without pretrained weights); None otherwise."""
+    models = (manifest or {}).get("models") or {}
+    stages = [stage for stage, info in sorted(models.items()) if isinstance(info, dict) and info.get("random_weights")]
+    if not stages:
+        return None
+    return (f"random weights: the {', '.join(stages)} model{'s' if len(stages) > 1 else ''} "
+            f"{'were' if len(stages) > 1 else 'was'} built at random, so captions, masks and embeddings say "
+            f"nothing about the images; {RANDOM_WEIGHTS_HINT}")
+

@@ -80,7 +80,8 @@ def train_cmd(
         result = train(config)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
-    summary = {k: result[k] for k in ("step", "start_step", "final_loss", "wall_s", "checkpoint", "loss_csv")}
+    summary = {k: result[k] for k in ("step", "start_step", "final_loss", "final_loss_mean", "ratio", "wall_s",
+                                      "checkpoint", "loss_csv")}
     typer.echo(json.dumps(summary, indent=1))
 
 
@@ -127,7 +128,7 @@ def evaluate_cmd(
 ) -> None:
     """Object similarity and text similarity (CLIP) for references x prompts, as a table."""
     _setup_logging(verbose)
-    from prep.trainer.evaluate import evaluate, format_table
+    from prep.trainer.evaluate import evaluate, format_table, random_clip_note
     from prep.trainer.sample import SampleParams
 
     params = SampleParams(num_samples, steps, eta, text_scale, object_scale, seed)
@@ -136,6 +137,9 @@ def evaluate_cmd(
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(format_table(rows))
+    note = random_clip_note(rows)
+    if note:
+        typer.echo(note)
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

@@ -47,7 +47,14 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from prep.schemas import contract
-from prep.schemas.contract import EXT_EMB, EXT_IMAGE, EXT_REFS, EXT_TEXT, REQUIRED, load_npy
+from prep.schemas.contract import (
+    EXT_EMB,
+    EXT_IMAGE,
+    EXT_REFS,
+    EXT_TEXT,
+    REQUIRED,
+    load_npy,
+)
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ def evaluate(
     device: str = "auto",
     out_dir: Optional[str] = None,
 ) -> list[dict[str, Any]]:
-    """One row per (reference, prompt): {'reference', 'prompt', 'samples', 'object_sim', 'text_sim'}."""
+    """One row per (reference, prompt): {'reference', 'prompt', 'samples', 'object_sim', 'text_sim',
+    'random_clip'} (random_clip: the scoring CLIP has random weights, see `random_clip_note`)."""
     if not references or not prompts:
         raise ValueError("need at least one reference and one prompt")
     customizer = Customizer(checkpoint, device=device)
@@ -46,6 +47,7 @@ def evaluate(
                 "samples": len(images),
                 "object_sim": float((features @ ref_feature.T).mean()),
                 "text_sim": float((features @ customizer.embed_texts([prompt]).T).mean()),
+                "random_clip": customizer.random_clip,
             })
             if out_dir:
                 os.makedirs(out_dir, exist_ok=True)
@@ -53,6 +55,14 @@ def evaluate(
                     os.path.join(out_dir, f"ref{r:03d}_prompt{p:03d}.png")
                 )
     return rows
+
+
+def random_clip_note(rows: Sequence[dict[str, Any]]) -> Optional[str]:
+    """One line when the CLIP that scored the rows has random weights (the tiny preset)."""
+    if not any(r.get("random_clip") for r in rows):
+        return None
+    return ("random weights: the CLIP model that embeds the references and scores the samples was built at random, "
+            "so object_sim and text_sim say nothing about quality; use --preset small or paper for real ones")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

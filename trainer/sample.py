@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
 from prep.atomic import write_atomic
+from prep.models.tiny import built_at_random
 from prep.pipeline.config import RunConfig
+from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
 from prep.trainer.train import TrainConfig, load_checkpoint, torch_device
 
 
@@ -56,6 +57,10 @@ class Customizer:
         self.config = TrainConfig.from_dict(state["config"])
         self.device = torch_device(device)
         self.clip, self.preprocess = load_clip(self.config.clip_model, self.config.clip_pretrained, device=str(self.device))
+        # The CLIP that embeds references and scores samples: random (the tiny preset's, or no
+        # pretrained weights) makes evaluate's similarities meaningless.
+        self.random_clip = (not self.config.clip_pretrained or built_at_random(self.config.clip_pretrained)
+                            or built_at_random(self.config.clip_model))
         self.tokenizer = open_clip.get_tokenizer(register_model(self.config.clip_model))
         self.text_encoder = TextEncoder(self.clip, self.tokenizer)
         model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
@@ -80,7 +85,12 @@ class Customizer:
 
     def reference(self, path: str) -> Reference:
         """Decode, mask and embed a reference image exactly as the pipeline does."""
-        from prep.transforms.decode import DecodeParams, ImageRejected, decode_image, load_rgb
+        from prep.transforms.decode import (
+            DecodeParams,
+            ImageRejected,
+            decode_image,
+            load_rgb,
+        )
         from prep.transforms.mask import DEFAULT_FILL, binarize, masked_image
 
         with open(path, "rb") as f:

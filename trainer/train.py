@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,7 +38,7 @@ from prep.atomic import write_atomic
 from prep.device import resolve_device
 from prep.schemas import contract
 from prep.schemas.output import read_manifest
-from prep.trainer.data import TripletStream
+from prep.trainer.data import TripletStream, list_shards
 from prep.trainer.model import Diffusion, TextEncoder, UNet, UNetConfig
 
 log = logging.getLogger("prep.trainer")
@@ -122,10 +123,28 @@ class TrainConfig:
         )
 
 
-def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill defaults (general folder, checkpoint path, models from the manifest) and validate."""
+def resolve(config: TrainConfig, notes: Optional[list[str]] = None) -> TrainConfig:
+    """Fill defaults (general folder, checkpoint path, models from the manifest) and validate;
+    before anything is built. What it changes is said in `notes`, one line each:
+    - no general-domain shards: train on the domain-specific samples alone (ratio 1.0). The
+      paper's r mixes in general image-text pairs; an output of your own photos has none, and a
+      researcher running it expects it to train, told so, not to stop;
+    - a warmup longer than the run: clipped to max_steps (the lr would never reach --lr)."""
+    notes = notes if notes is not None else []
     c = TrainConfig.from_dict(config.to_dict())
     c.general = c.general or os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.GENERAL))
+    specific = os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.SPECIFIC))
+    if c.ratio > 0 and not list_shards(specific):
+        raise ValueError(f"no domain-specific training shards (*.tar) in {specific}: is {c.shards} an output of "
+                         "`prep run` with a celeba: or folder: input?")
+    if c.ratio < 1 and not list_shards(c.general):
+        notes.append(f"no general-domain shards in {c.general}: training on the domain-specific samples alone "
+                     f"(--ratio {c.ratio:g} -> 1.0; give `prep run` a wds: input to mix in general image-text pairs)")
+        c.ratio = 1.0
+    if c.max_steps > 0 and c.warmup > c.max_steps:
+        notes.append(f"--warmup {c.warmup} is longer than --max-steps {c.max_steps}: clipped to {c.max_steps} "
+                     "(the learning rate would never reach --lr)")
+        c.warmup = c.max_steps
     c.checkpoint = c.checkpoint or os.path.join(c.out, "checkpoint.pt")
     c.decay_steps = c.decay_steps or c.max_steps
     manifest_path = os.path.join(c.shards, contract.MANIFEST)
@@ -222,7 +241,10 @@ def _loss_log(path: str, keep_until: int):
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and return {'step', 'start_step', 'losses' (this run's), ...}."""
-    c = resolve(config)
+    notes: list[str] = []
+    c = resolve(config, notes)
+    for note in notes:  # before anything is built
+        print(f"prep train: {note}", file=sys.stderr, flush=True)
     device = torch_device(c.device)
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -312,6 +334,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     wall = time.perf_counter() - started
     return {
         "step": step, "start_step": start_step, "losses": losses,
-        "final_loss": sum(losses[-c.log_every:]) / len(losses[-c.log_every:]) if losses else None,
+        "final_loss": losses[-1] if losses else None,  # the last step's
+        "final_loss_mean": sum(losses[-c.log_every:]) / len(losses[-c.log_every:]) if losses else None,  # last log_every
+        "ratio": c.ratio, "warmup": c.warmup, "notes": notes,
         "wall_s": wall, "checkpoint": c.checkpoint, "loss_csv": os.path.join(c.out, "loss.csv"), "config": c.to_dict(),
     }
