@@ -243,6 +243,32 @@ def demo_data_cmd(
     typer.echo(json.dumps(info, indent=1))
 
 
+@app.command("demo-models")
+def demo_models_cmd(
+    out_dir: str = typer.Argument(..., help="where to write the tiny captioners, one folder per family"),
+    family: Optional[List[str]] = typer.Option(
+        None, "--family", help="only this family, by model_type (repeatable): blip-2, paligemma, florence2, "
+                               "qwen2_vl, smolvlm, llava_onevision"),
+    seed: int = typer.Option(0),
+):
+    """Write tiny random-weight captioners of each VLM family, built offline, for --caption-model."""
+    import os
+
+    from prep.models.demo_models import INDEX_FILE, build_demo_models
+
+    try:
+        built = build_demo_models(out_dir, families=family or None, seed=seed)
+    except (ValueError, ImportError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    with open(os.path.join(out_dir, INDEX_FILE), encoding="utf-8") as f:
+        index = json.load(f)
+    for model_type, folder in built.items():
+        typer.echo(f"{model_type}: {folder} ({index[model_type]['params']} parameters)")
+    example = built.get("qwen2_vl") or next(iter(built.values()))
+    typer.echo(f"try: prep run --input ... --caption-model {example} --preset tiny ...")
+
+
 _register_subcommands()
 
 

@@ -120,6 +120,9 @@ class _InstantCaptioner:
 
         return torch.tensor([self.row] * len(next(iter(inputs.values()))))
 
+    def eos_ids(self) -> list[int]:
+        return []  # never ends: every row is the full max_new_tokens, as the GPU check's captioner
+
 
 class _InstantSession:
     """Stands where a rembg session stands: the soft mask (an ellipse) at the image's size."""
@@ -141,6 +144,7 @@ class _InstantSession:
 def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None):
     """The stage's real handler class, with only the model replaced by an instant one."""
     from prep.transforms.caption import CaptionHandler
+    from prep.transforms.captioners import family_of
     from prep.transforms.embed import EmbedHandler, LoadedClip
     from prep.transforms.mask import MaskHandler
 
@@ -152,11 +156,14 @@ def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None
             def processor(self):
                 return processor
 
+            def family(self):
+                return family_of("blip-2")
+
             def load_model(self):
                 return _InstantCaptioner(processor.tokenizer, self.max_new_tokens)
 
         return ZeroCaption("zero-cost", max_new_tokens=20, device="cpu", max_batch_size=batch,
-                           prepare_threads=prepare_threads)
+                           prepare_threads=prepare_threads, on_bad="keep")  # its text loops: kept, as real work
     if stage == "embed":
         from open_clip import image_transform
 
@@ -194,7 +201,10 @@ def plain_loop(handler, samples, threads: int) -> tuple[float, int]:
 
     def work(sample):
         prepared = handler.prepare(sample, model)
-        return handler.finish(one(prepared)[0]) if one else prepared
+        if not one:
+            return prepared
+        output = one(prepared)[0]
+        return handler.finish((output, False) if handler.stage == "caption" else output)  # caption: (ids, cut)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:

@@ -122,6 +122,11 @@ class BuiltCaption(CaptionHandler):
     def processor(self):
         return _BUILT["caption"].processor
 
+    def family(self):
+        from prep.transforms.captioners import family_of
+
+        return family_of(_BUILT["caption"].model.config.model_type)
+
     def load_model(self):
         return _BUILT["caption"]
 
@@ -140,7 +145,7 @@ def handlers(stage: str, device: str, batch: int, threads: int, mask_path: str, 
     """(pooled, serial) handlers of the real stage class whose load_model returns the built
     model (module-level classes of an importable module: the graph pickles them by name)."""
     if stage == "caption":
-        make = lambda t: BuiltCaption("random-init", max_new_tokens=max_new_tokens, device=device,  # noqa: E731
+        make = lambda t: BuiltCaption("random-init", max_new_tokens=max_new_tokens, device=device, on_bad="keep",  # noqa: E731
                                       max_batch_size=batch, prepare_threads=t)
     elif stage == "embed":
         make = lambda t: BuiltEmbed("random-init", None, device=device, max_batch_size=batch, prepare_threads=t)  # noqa: E731

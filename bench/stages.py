@@ -188,7 +188,8 @@ def make_handler(stage: str, models: dict, args):
         handler = MaskHandler(models["mask"], device=args.device, max_batch_size=args.mask_batch)
         return handler, plain_mask, args.mask_batch, models["mask"]
     if stage == "caption":
-        handler = CaptionHandler(models["caption"], max_new_tokens=20, device=args.device, max_batch_size=args.caption_batch)
+        handler = CaptionHandler(models["caption"], max_new_tokens=20, device=args.device, max_batch_size=args.caption_batch,
+                                 on_bad="keep")  # every caption written: the same work as a plain loop
         return handler, plain_caption, args.caption_batch, models["caption"]
     raise SystemExit(f"unknown stage {stage!r}")
 

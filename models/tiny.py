@@ -81,15 +81,17 @@ def ensure_tiny_models(cache_dir: str | os.PathLike | None = None) -> TinyModels
 
 
 def built_at_random(path: Optional[str]) -> bool:
-    """Whether `path` lies in a tiny-model folder this module built (random weights): a
-    `tiny-v{N}` folder with its COMPLETE marker, at any depth above the path."""
+    """Whether `path` lies in a folder of models prep built at random: the tiny preset's
+    (`tiny-v{N}` with its COMPLETE marker) or `prep demo-models`' (its demo_models.json), at
+    any depth above the path."""
     if not path:
         return False
     try:
         here = Path(os.path.expanduser(path)).resolve()
     except (OSError, RuntimeError):
         return False
-    return any(p.name.startswith("tiny-v") and (p / "COMPLETE").is_file() for p in (here, *here.parents))
+    return any((p.name.startswith("tiny-v") and (p / "COMPLETE").is_file()) or (p / "demo_models.json").is_file()
+               for p in (here, *here.parents))
 
 
 def build_all(work: str) -> None:

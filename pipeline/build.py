@@ -215,6 +215,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         large_model=caption_copies(config) is not None,  # on cuda: one copy per machine by default
         model_copies=caption_copies(config),
         prepare_threads=config.prepare_threads,
+        on_bad=config.caption_on_bad,
     )
     plan.mask = MaskHandler(
         models.mask_model,

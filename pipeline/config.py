@@ -87,6 +87,10 @@ def parse_fill(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
+# Fields added after resume digests were first recorded (see RunConfig.digest_json).
+DIGEST_ADDED = frozenset({"caption_on_bad"})
+
+
 @dataclass
 class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
@@ -110,6 +114,10 @@ class RunConfig:
     caption_num_beams: int = option(CaptionOptions.num_beams, panel=PANEL_STAGES)
     caption_general: bool = option(False, panel=PANEL_STAGES, help="also caption general-domain images with the VLM")
     caption_join: str = option(". ", panel=PANEL_STAGES, help="separator between the VLM and attribute captions")
+    caption_on_bad: str = option(
+        CaptionOptions.on_bad, panel=PANEL_STAGES, metavar="drop|keep",
+        help="a caption the guards flag (repetition loop, prompt echo, refusal, cut at the token limit): drop "
+        "(dead letter with the raw text) or keep (written with caption_flags)")
     trust_remote_code: bool = option(False, panel=PANEL_MODELS, help="allow Hugging Face models with custom code")
     # Decode.
     max_side: Optional[int] = option(DecodeParams.max_side, panel=PANEL_STAGES, help="downscale images whose longer side exceeds this")
@@ -197,9 +205,12 @@ class RunConfig:
         return cls(**parsed)
 
     def digest_json(self) -> dict:
-        """The fields that decide what is written (declared on each field: `digest=`)."""
+        """The fields that decide what is written (declared on each field: `digest=`). A field
+        added since digests were first recorded (DIGEST_ADDED) counts only when it differs from
+        its default, so a partial run of an older prep still resumes."""
         data = self.to_json()
-        return {f.name: data[f.name] for f in dataclasses.fields(self) if f.metadata.get("digest", True)}
+        return {f.name: data[f.name] for f in dataclasses.fields(self) if f.metadata.get("digest", True)
+                and not (f.name in DIGEST_ADDED and getattr(self, f.name) == f.default)}
 
     def validate(self) -> None:
         problems = []
@@ -235,6 +246,8 @@ class RunConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0")
         if self.face_model != "dlib" and not self.face_model.endswith(".onnx"):
             problems.append("--face-model must be dlib or a path to an .onnx file")
+        if self.caption_on_bad not in ("drop", "keep"):
+            problems.append(f"--caption-on-bad must be drop or keep, got {self.caption_on_bad!r}")
         for name in ("caption_batch_size", "mask_batch_size", "embed_batch_size", "identity_batch_size",
                      "face_detect_max_side", "caption_max_new_tokens", "caption_num_beams"):
             if getattr(self, name) < 1:

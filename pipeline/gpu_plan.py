@@ -25,6 +25,12 @@ KNOWN_PARAMS = {
     "Salesforce/blip2-flan-t5-xl": 3.94e9,
     "Salesforce/blip-image-captioning-base": 2.47e8,
     "Salesforce/blip-image-captioning-large": 4.70e8,
+    # The instruction VLMs docs/captioners.md recommends (parameters as their model cards give).
+    "google/paligemma2-3b-pt-224": 3.03e9,
+    "microsoft/Florence-2-large": 7.7e8,
+    "Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9,
+    "HuggingFaceTB/SmolVLM-256M-Instruct": 2.56e8,
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": 8.9e8,
     "ViT-B-32": 1.51e8,
     "ViT-B-16": 1.50e8,
     "ViT-L-14": 4.28e8,

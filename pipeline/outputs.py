@@ -137,9 +137,16 @@ def build_manifest(
         "dead_letter_reasons": dict(sorted(dead_counts.items())),
         "wids_index": {folder: f"{folder}/{WIDS_INDEX}" for folder in shard_folders(shards)},
         "shards": [
-            {name: getattr(s, name) for name in (*contract.MANIFEST_SHARD_FIELDS, "split")} for s in shards
+            {**{name: getattr(s, name) for name in (*contract.MANIFEST_SHARD_FIELDS, "split")},
+             **({"caption_flags": s.caption_flags} if s.caption_flags else {})} for s in shards
         ],
     }
+    flags: dict[str, int] = {}
+    for s in shards:
+        for flag, n in s.caption_flags.items():
+            flags[flag] = flags.get(flag, 0) + n
+    if flags:  # captions the guards flagged and --caption-on-bad keep wrote (dropped ones: dead_letter_reasons)
+        manifest["caption_flags"] = dict(sorted(flags.items()))
     return manifest
 
 

@@ -127,6 +127,26 @@ class Preflight:
         return "\n".join(lines)
 
 
+def caption_family_checked(where: ModelLocation) -> ModelLocation:
+    """A caption model on disk whose family prep does not run is a problem of the preflight
+    (transforms/captioners.py lists the families), not a failure of every sample later."""
+    from prep.transforms.captioners import (
+        UnsupportedCaptioner,
+        family_of,
+        read_model_type,
+        supported,
+    )
+
+    if where.path and where.problem is None:
+        model_type = read_model_type(where.path)
+        try:
+            family_of(model_type)
+        except UnsupportedCaptioner:
+            where.problem = f"caption model type {model_type!r} ({where.path}) is not one prep runs"
+            where.fixes = [f"a model of a supported family: {supported()}"]
+    return where
+
+
 def needed_models(config: RunConfig) -> list[ModelLocation]:
     """Every model the run loads, located: caption, mask, CLIP, and the face model when an
     input's kind is verified by faces (celeba: in the paper and small presets)."""
@@ -134,7 +154,7 @@ def needed_models(config: RunConfig) -> list[ModelLocation]:
 
     names = model_names(config)
     found = [
-        locate_caption_model(names["caption_model"]),
+        caption_family_checked(locate_caption_model(names["caption_model"])),
         locate_mask_model(names["mask_model"]),
         locate_clip(names["clip_model"], names["clip_pretrained"]),
     ]

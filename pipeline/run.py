@@ -301,6 +301,8 @@ def format_summary(manifest: dict, out: str) -> str:
         )
     for reason, n in manifest.get("dead_letter_reasons", {}).items():
         lines.append(f"dead letter  {n:6d}  {reason}")
+    for flag, n in (manifest.get("caption_flags") or {}).items():
+        lines.append(f"caption kept {n:6d}  flagged: {flag}")
     for source in manifest.get("sources", []):
         line = f"source {source['spec']}: {source['items']} inputs"
         if source.get("missing_on_disk"):

@@ -147,7 +147,11 @@ JSON_IDENTITY_FIELDS = (
     "near_duplicates",  # keys of the same identity that are the same photo (never refs)
     "ref_distances",  # distance of each ref_keys[i] to the sample
 )
-JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS)
+# The caption guards (transforms/caption_guards.py): present only on a sample written with
+# flagged caption (--caption-on-bad keep), a list of CAPTION_FLAGS.
+JSON_CAPTION_FIELDS = ("caption_flags",)
+CAPTION_FLAGS = ("empty", "repetition loop", "echo", "refusal", "cut at the token limit")
+JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS)
 # identity_status values (transforms/verify.py decides them).
 VERIFIED, OUTLIER, UNVERIFIED, SINGLE = "verified", "outlier", "unverified", "single"
 IDENTITY_STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)  # v1 additions: checked when present

@@ -83,6 +83,7 @@ class Sample:
     caption_vlm: Optional[str] = None
     caption_attributes: Optional[str] = None
     caption: Optional[str] = None
+    caption_flags: tuple[str, ...] = ()  # caption guards that fired, kept (--caption-on-bad keep)
     mask_png: Optional[bytes] = None
     mask_fraction: Optional[float] = None
     embedding: Optional[np.ndarray] = None  # float32 [D]
@@ -156,6 +157,10 @@ class DeadLetterKind(str, Enum):
     INFERENCE_FAILED = "inference failed"
     POSTPROCESSING_FAILED = "postprocessing failed"
     EMPTY_CAPTION = "captioner produced an empty caption"
+    CAPTION_REPETITION = "caption is a repetition loop"  # transforms/caption_guards.py, --caption-on-bad drop
+    CAPTION_ECHO = "caption echoes the prompt or template"
+    CAPTION_REFUSAL = "caption is a refusal"
+    CAPTION_CUT = "caption cut at the token limit"
     NO_CAPTION = "no caption"
     MASK_BELOW_FLOOR = "mask foreground below the floor"
     # Identity (the identity step and the identity checks around pairing).
@@ -225,6 +230,7 @@ class ShardInfo:
     sha256: str
     bytes: int
     split: str = contract.TRAIN  # where it lives: contract.shard_folder(split, domain)
+    caption_flags: dict = field(default_factory=dict)  # flag -> samples kept with it (--caption-on-bad keep)
 
 
 @dataclass

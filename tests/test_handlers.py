@@ -64,12 +64,16 @@ def test_caption_handler_matches_direct_generate(tiny):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    handler = CaptionHandler(tiny.captioner, max_new_tokens=8, device="cpu", max_batch_size=4)
+    from prep.transforms.caption import Flagged
+
+    # 8 new tokens: the tiny captioner runs into the limit (flagged "cut"; kept here to compare).
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=8, device="cpu", max_batch_size=4, on_bad="keep")
     model = handler.load_model()
     samples = [_sample(i) for i in range(3)]
     results = list(handler.run_inference(samples, model))
     assert [r.example.key for r in results] == ["k0", "k1", "k2"]
-    captions = [r.inference for r in results]
+    assert all(isinstance(r.inference, Flagged) and r.inference.flags == ("cut at the token limit",) for r in results)
+    captions = [r.inference.text for r in results]
     assert all(isinstance(c, str) and c for c in captions)
 
     processor = AutoProcessor.from_pretrained(tiny.captioner)
@@ -79,7 +83,12 @@ def test_caption_handler_matches_direct_generate(tiny):
         out = net.generate(**processor(images=images, return_tensors="pt"), max_new_tokens=8, do_sample=False)
     expected = [clean_caption(t) for t in processor.batch_decode(out, skip_special_tokens=True)][:3]
     assert captions == expected
-    assert handler.apply(samples[0], captions[0]).caption_vlm == captions[0]
+    kept = handler.apply(samples[0], results[0].inference)
+    assert kept.caption_vlm == captions[0] and kept.caption_flags == ("cut at the token limit",)
+    # The default drops it: a dead letter naming the guard, with the raw text.
+    dropping = CaptionHandler(tiny.captioner, max_new_tokens=8, device="cpu", max_batch_size=4)
+    [first] = [r.inference for r in dropping.run_inference(samples[:1], dropping.load_model())]
+    assert first.kind.value == "caption cut at the token limit" and first.reason.endswith(f"{captions[0]!r}")
 
 
 def test_caption_prepare_calls_the_image_processor_alone_only_where_it_is_the_same(tiny):
@@ -143,7 +152,7 @@ def test_caption_batch_with_one_bad_element_keeps_the_others(tiny):
 
 def test_caption_batch_failure_is_retried_per_element(tiny, monkeypatch):
     """If the model call fails for the batch, each element is retried alone; only the culprit is lost."""
-    handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4)
+    handler = CaptionHandler(tiny.captioner, max_new_tokens=6, device="cpu", max_batch_size=4, on_bad="keep")
     model = handler.load_model()
     samples = [_sample(i) for i in range(3)]
     poisoned = handler.prepare(samples[1], model)["pixel_values"]
@@ -157,7 +166,7 @@ def test_caption_batch_failure_is_retried_per_element(tiny, monkeypatch):
     monkeypatch.setattr(CaptionHandler, "infer", flaky)
     results = list(handler.run_inference(samples, model))
     assert isinstance(results[1].inference, Reject) and "simulated" in results[1].inference.reason
-    assert isinstance(results[0].inference, str) and isinstance(results[2].inference, str)
+    assert not isinstance(results[0].inference, Reject) and not isinstance(results[2].inference, Reject)
 
 
 def test_missing_caption_model_gives_a_clear_error(tmp_path):

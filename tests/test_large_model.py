@@ -45,7 +45,7 @@ def test_two_worker_processes_share_one_captioner(tiny, tmp_path, monkeypatch):
     # The worker processes import this module to unpickle the handler.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     log = str(tmp_path / "loads.txt")
-    handler = CountingCaptioner(tiny.captioner, max_new_tokens=4, device="cpu", max_batch_size=2,
+    handler = CountingCaptioner(tiny.captioner, max_new_tokens=4, device="cpu", max_batch_size=2, on_bad="keep",
                                 large_model=True, model_copies=1, prepare_threads=2, log=log)
     samples = [_sample(i) for i in range(24)]
     options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])

@@ -1,8 +1,12 @@
-"""Caption stage: a Hugging Face image-to-text model (BLIP-2, BLIP, ...) via RunInference.
+"""Caption stage: a Hugging Face image-to-text model via RunInference: BLIP and BLIP-2, and
+today's instruction VLMs (PaliGemma, Florence-2, Qwen2-VL, SmolVLM, LLaVA-OneVision); the family
+is read from the model's config and decides what the prompt means (transforms/captioners.py).
 
 The model is a hub id (downloaded to the Hugging Face cache when there is a network) or a
-local directory saved with `save_pretrained`. Generation is batched; the prompt, if any, is
-fed to every image and its echo removed from the output.
+local directory saved with `save_pretrained`. Generation is batched and greedy; the caption
+is the new tokens only, checked by the guards (transforms/caption_guards.py): a flagged
+caption is dropped (a dead letter naming the flag, with the raw text) or kept with its flags
+(`on_bad="keep"`); a preamble ("The image shows ...") is trimmed.
 
 The processor (resize, normalise, tokenise the prompt) runs per element in `prepare`, on the
 handler's thread pool, and is loaded in every worker process; the network runs behind
@@ -21,9 +25,17 @@ from typing import Any, Optional
 from prep.device import resolve_device
 from prep.models.locate import hf_hub_cache
 from prep.schemas.records import DeadLetterKind, Sample
+from prep.transforms import caption_guards as guards
+from prep.transforms import captioners
+from prep.transforms.captioners import (
+    Family,
+    effective_prompt,
+    family_of,
+    read_model_type,
+)
 from prep.transforms.decode import load_rgb
-from prep.transforms.options import CaptionOptions
 from prep.transforms.inference import LAZY_LOCK, ModelUnavailable, Reject, StageHandler
+from prep.transforms.options import CaptionOptions
 
 STAGE = "caption"
 _WS = re.compile(r"\s+")
@@ -79,11 +91,41 @@ class LoadedCaptioner:  # a class, not a tuple: Beam's Shared keeps a weak refer
         """Token ids (a CPU tensor) for processor outputs `inputs`; callable through a proxy."""
         import torch
 
-        batch = {k: v.to(self.device) for k, v in inputs.items()}
+        batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             return self.model.generate(**batch, **kwargs).cpu()
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end generation (a method: callable through a proxy)."""
+        eos = self.model.generation_config.eos_token_id
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+@dataclass(frozen=True)
+class Flagged:
+    """A caption the guards flagged, kept (`on_bad="keep"`): written with its flags."""
+
+    text: str
+    flags: tuple[str, ...]
+
+
+_FLAG_KINDS = {
+    guards.EMPTY: DeadLetterKind.EMPTY_CAPTION,
+    guards.REPETITION: DeadLetterKind.CAPTION_REPETITION,
+    guards.ECHO: DeadLetterKind.CAPTION_ECHO,
+    guards.REFUSAL: DeadLetterKind.CAPTION_REFUSAL,
+    guards.CUT: DeadLetterKind.CAPTION_CUT,
+}
+
+
+def new_tokens(out, input_ids):
+    """The generated rows without the prompt: decoder-only models return prompt + answer (their
+    rows start with input_ids), encoder-decoder ones the answer alone."""
+    if input_ids is not None and out.shape[1] >= input_ids.shape[1] and bool((out[:, :input_ids.shape[1]] == input_ids).all()):
+        return out[:, input_ids.shape[1]:]
+    return out
 
 
 class CaptionHandler(StageHandler):
@@ -106,7 +148,10 @@ class CaptionHandler(StageHandler):
         large_model: bool = False,
         model_copies: Optional[int] = None,
         prepare_threads: int = 1,
+        on_bad: str = CaptionOptions.on_bad,
     ):
+        if on_bad not in ("drop", "keep"):
+            raise ValueError(f"on_bad must be drop or keep, got {on_bad!r}")
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
@@ -121,14 +166,40 @@ class CaptionHandler(StageHandler):
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
+        self.on_bad = on_bad
         self._processor_cache: Any = None
         self._images_only: Optional[bool] = None  # see prepare; decided once per process
+        self._family: Optional[Family] = None
+        self._text: Optional[str] = None  # the text given with every image (chat template applied)
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_processor_cache"] = None
         state["_images_only"] = None
+        state["_text"] = None
         return state
+
+    def family(self) -> Family:
+        """The model's family, from its config (transforms/captioners.py); decided once."""
+        if self._family is None:
+            model_type = read_model_type(self.model_id)
+            if model_type is None:
+                from transformers import AutoConfig
+
+                try:
+                    model_type = AutoConfig.from_pretrained(self.model_id,
+                                                            trust_remote_code=self.trust_remote_code).model_type
+                except (OSError, ValueError) as exc:
+                    raise _hf_unavailable(self.model_id, exc) from exc
+            self._family = family_of(model_type)
+        return self._family
+
+    def prompt_text(self) -> Optional[str]:
+        """The text the processor gets with each image: the chat template around the
+        instruction, or the prefix / task token (None: BLIP without a prompt)."""
+        if self._text is None:
+            self._text = captioners.prompt_text(self.family(), self.processor(), self.prompt) or ""
+        return self._text or None
 
     def processor(self):
         """This process's processor (loaded once; cheap next to the model)."""
@@ -141,16 +212,29 @@ class CaptionHandler(StageHandler):
                         self.model_id, trust_remote_code=self.trust_remote_code)
                 except (OSError, ValueError) as exc:
                     raise _hf_unavailable(self.model_id, exc) from exc
+                tokenizer = getattr(self._processor_cache, "tokenizer", None)
+                if tokenizer is not None:  # batched generation: decoder-only families pad on the left
+                    tokenizer.padding_side = self.family().padding_side
             return self._processor_cache
 
     def describe(self) -> dict:
-        return {
+        """For the manifest: the model, its family, the prompt as given and as used, every
+        generation parameter, and what happens to a flagged caption."""
+        described = {
             "model": self.model_id,
             "prompt": self.prompt,
             "max_new_tokens": self.max_new_tokens,
             "num_beams": self.num_beams,
             "dtype": self.dtype,
         }
+        described.update(do_sample=False, on_bad=self.on_bad)
+        try:  # from the config on disk only: a hub id not downloaded yet is known once loaded
+            family = self._family or family_of(read_model_type(self.model_id))
+        except ValueError:
+            return described
+        described.update(family=family.name, prompt_is=family.prompt_is,
+                         prompt_used=effective_prompt(family, self.prompt), padding_side=family.padding_side)
+        return described
 
     def load_model(self):
         import torch
@@ -187,6 +271,8 @@ class CaptionHandler(StageHandler):
         Processors that add anything (PaliGemma's image tokens, say) keep the full call."""
         image = load_rgb(sample.image_jpeg)
         processor = self.processor()
+        if not self.family().per_element:  # the processor runs on the whole batch (infer)
+            return image
         if self.prompt:
             return dict(processor(images=[image], text=[self.prompt], return_tensors="pt"))
         if self._images_only:
@@ -197,17 +283,41 @@ class CaptionHandler(StageHandler):
         return full
 
     def infer(self, prepared: list, model) -> list:
-        """One generate call; one row of token ids per element (decoded in `finish`, on the pool)."""
+        """One generate call; per element its new token ids and whether generation ran to the
+        token limit without ending (decoded and checked in `finish`, on the pool)."""
         import torch
 
-        inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        if self.family().per_element:
+            inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        else:
+            text = self.prompt_text()
+            kwargs = {"text": [text] * len(prepared)} if text else {}
+            images = [[image] for image in prepared] if self.family().nested_images else list(prepared)
+            inputs = dict(self.processor()(images=images, padding=True, return_tensors="pt", **kwargs))
         out = model.generate(inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
-        return list(out)
+        rows = new_tokens(out, inputs.get("input_ids"))
+        eos = model.eos_ids()
+        ended = [bool(eos) and any(int(t) in eos for t in row) for row in rows]
+        return [(row, not done and rows.shape[1] >= self.max_new_tokens) for row, done in zip(rows, ended)]
 
-    def finish(self, ids):
-        """Token ids -> the caption (`batch_decode` is this decode row by row), or a Reject."""
-        caption = clean_caption(self.processor().decode(ids, skip_special_tokens=True), self.prompt)
-        return caption if caption else Reject(DeadLetterKind.EMPTY_CAPTION, DeadLetterKind.EMPTY_CAPTION.value)
+    def finish(self, output):
+        """(token ids, cut) -> the caption, a Flagged caption (kept) or a Reject (dropped)."""
+        ids, cut = output
+        text = self.processor().decode(ids, skip_special_tokens=True)
+        family = self.family()
+        if family.per_element:  # BLIP's prefix continues into the caption: strip its echo
+            text = clean_caption(text, self.prompt)
+        checked = guards.check(text, instruction=effective_prompt(family, self.prompt) if family.chat else None,
+                               cut=cut)
+        if not checked.flags:
+            return checked.text
+        if guards.EMPTY in checked.flags or self.on_bad == "drop":
+            kind = _FLAG_KINDS[checked.flags[0]]
+            raw = _WS.sub(" ", checked.raw).strip()
+            return Reject(kind, kind.value if not raw else f"{kind.value}: {raw[:300]!r}")
+        return Flagged(checked.text, checked.flags)
 
-    def apply(self, sample: Sample, caption: str) -> Sample:
+    def apply(self, sample: Sample, caption) -> Sample:
+        if isinstance(caption, Flagged):
+            return sample.with_(caption_vlm=caption.text, caption_flags=caption.flags)
         return sample.with_(caption_vlm=caption)

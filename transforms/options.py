@@ -28,6 +28,7 @@ class CaptionOptions:
     max_new_tokens: int = 30
     num_beams: int = 1
     batch_size: int = 8
+    on_bad: str = "drop"  # a caption the guards flag: drop (dead letter) or keep (with caption_flags)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def sample_json(sample: Sample) -> dict:
     }
     meta["origin"] = dict(sample.origin) if sample.origin else None
     meta.update(identity_json(sample))
+    if sample.caption_flags:  # only on a flagged caption that was kept (--caption-on-bad keep)
+        meta["caption_flags"] = list(sample.caption_flags)
     return meta
 
 
@@ -150,6 +152,7 @@ class ShardRow:
     near_duplicates: tuple[str, ...] = ()
     faces: Optional[int] = None
     face_fraction: Optional[float] = None
+    caption_flags: tuple[str, ...] = ()
 
     @property
     def caption_words(self) -> int:
@@ -186,6 +189,7 @@ class ShardRow:
             near_duplicates=tuple(meta["near_duplicates"]),
             faces=meta["faces"],
             face_fraction=meta["face_fraction"],
+            caption_flags=tuple(meta.get("caption_flags") or ()),
         )
 
 
@@ -224,6 +228,15 @@ def _status_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def caption_flag_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
+    """flag -> rows written with it (the caption guards, --caption-on-bad keep)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for flag in row.caption_flags:
+            counts[flag] = counts.get(flag, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """{"count", "min", "max", "mean"} of some numbers (min/max/mean null when there are none)."""
     if not values:
@@ -238,6 +251,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
     for row in rows:
         sources[row.source] = sources.get(row.source, 0) + 1
     masks = [r.mask_fraction for r in rows if r.mask_fraction is not None]
+    flags = caption_flag_counts(rows)
     return {
         "schema_version": contract.SCHEMA_VERSION,
         "shard": shard,
@@ -263,6 +277,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         "width": summarize([r.width for r in rows]),
         "height": summarize([r.height for r in rows]),
         "jpg_bytes": {**summarize([r.jpg_bytes for r in rows]), "total": sum(r.jpg_bytes for r in rows)},
+        **({"caption_flags": flags} if flags else {}),  # only when a flagged caption was kept
     }
 
 
@@ -349,7 +364,8 @@ def write_shard_files(folder: str, split: str, domain: str, index: int, data: by
     fault_point("write.after_tar")
     write_atomic(f"{folder}/{parquet_name(name)}", parquet_bytes(rows))
     write_atomic(f"{folder}/{stats_name(name)}", stats_bytes(stats))
-    return ShardInfo(domain=domain, name=name, count=len(rows), sha256=sha256, bytes=len(data), split=split)
+    return ShardInfo(domain=domain, name=name, count=len(rows), sha256=sha256, bytes=len(data), split=split,
+                     caption_flags=caption_flag_counts(rows))
 
 
 class WriteShards(beam.PTransform):

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from prep.schemas.contract import (
+    CAPTION_FLAGS,
     EXT_EMB,
     EXT_FACE,
     EXT_IMAGE,
@@ -165,6 +166,11 @@ class _SampleChecks:
 
         if "key" in meta and meta["key"] != key:
             field_problem("key", repr(key))
+        if "caption_flags" in meta and not (
+            isinstance(meta["caption_flags"], list) and meta["caption_flags"]
+            and all(f in CAPTION_FLAGS for f in meta["caption_flags"])
+        ):
+            field_problem("caption_flags", f"a non-empty list of {', '.join(CAPTION_FLAGS)}")
         if "schema_version" in meta and not (
             _is_int(meta["schema_version"]) and meta["schema_version"] == SCHEMA_VERSION
         ):

@@ -1,0 +1,83 @@
+"""The caption guards (transforms/caption_guards.py) and the captioner families
+(transforms/captioners.py): each guard on the failure it names, the preamble trimmed, the
+flags the contract knows, and an unsupported family refused in the preflight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prep.schemas import contract
+from prep.transforms import caption_guards as g
+from prep.transforms.captioners import FAMILIES, UnsupportedCaptioner, family_of, read_model_type
+
+
+@pytest.mark.parametrize("raw, flags", [
+    ("a smiling woman with long brown hair", ()),
+    ("a man a man a man a man with a hat", (g.REPETITION,)),
+    ("the the the the cat", (g.REPETITION,)),
+    ("wearing a hat wearing a hat wearing a hat", (g.REPETITION,)),
+    ("face " * 20, (g.REPETITION,)),
+    ("I'm sorry, I can't help with identifying people in images.", (g.REFUSAL,)),
+    ("As an AI, I cannot see the image.", (g.REFUSAL,)),
+    ("USER: Describe the person. ASSISTANT: a man", (g.ECHO,)),
+    ("<|im_start|>assistant a woman", (g.ECHO,)),
+    ("Describe the main subject of this image in one sentence. A dog.", (g.ECHO,)),
+    ("", (g.EMPTY,)),
+    ("   ", (g.EMPTY,)),
+])
+def test_each_guard_flags_its_failure(raw, flags):
+    checked = g.check(raw, instruction="Describe the main subject of this image in one sentence.")
+    assert checked.flags == flags, (raw, checked)
+
+
+def test_cut_at_the_token_limit_is_a_flag_the_stage_decides():
+    assert g.check("a woman with", cut=True).flags == (g.CUT,)
+    assert g.check("a woman with", cut=False).flags == ()
+
+
+@pytest.mark.parametrize("raw, kept", [
+    ("The image shows a woman smiling at the camera.", "a woman smiling at the camera."),
+    ("This is a photo of a brown dog on grass", "a brown dog on grass"),
+    ("In this image, we can see a man in a suit", "a man in a suit"),
+    ("The picture depicts two children", "two children"),
+    ("a photo of a dog", "a photo of a dog"),  # BLIP's own style is not a preamble
+    ("The image shows", "The image shows"),  # nothing after it: kept as is
+])
+def test_a_preamble_is_trimmed_not_rejected(raw, kept):
+    checked = g.check(raw)
+    assert checked.text == kept and checked.flags == ()
+
+
+def test_the_contract_knows_every_flag():
+    """schemas/ sits below transforms/ (tests/test_layers.py): the list is written twice, kept equal here."""
+    assert g.FLAGS == contract.CAPTION_FLAGS
+
+
+def test_families_by_model_type_and_an_unknown_one_names_the_supported():
+    assert family_of("qwen2_5_vl").name == "Qwen2-VL" and family_of("idefics3").name == "SmolVLM"
+    assert family_of("blip-2").per_element and not family_of("paligemma").per_element
+    assert [f.chat for f in FAMILIES] == [False, False, False, False, True, True, True]
+    with pytest.raises(UnsupportedCaptioner) as err:
+        family_of("bert")
+    for family in FAMILIES:
+        assert family.name in str(err.value)
+
+
+def test_an_unsupported_caption_model_is_refused_in_the_preflight(tmp_path, demo, tiny_cache):
+    from prep.cli import app
+
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (model / "model.safetensors").write_bytes(b"")
+    assert read_model_type(str(model)) == "bert"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--input", f"celeba:{demo['celeba_dir']}", "--out", str(out),
+                                      "--preset", "tiny", "--model-cache", tiny_cache, "--caption-model", str(model),
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "caption model type 'bert'" in result.output and "Qwen2-VL (qwen2_vl/qwen2_5_vl)" in result.output
+    assert "Traceback" not in result.output and not out.exists()

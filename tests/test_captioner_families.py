@@ -1,0 +1,84 @@
+"""Every captioner family through the real stage and the whole pipeline, on the tiny random
+models `prep demo-models` builds (models/demo_models.py: the family's real config, processor
+and chat template, saved with save_pretrained, loaded back as a checkpoint is)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import demo_config
+from prep.models.demo_models import FAMILIES, build_demo_models
+from prep.transforms.caption import CaptionHandler, Flagged
+from prep.transforms.captioners import DEFAULT_INSTRUCTION, family_of
+from prep.transforms.inference import Reject
+
+pytestmark = pytest.mark.slow
+TEMPLATE_TEXT = re.compile(r"<\|[^|]*\|>|<image>|<end_of_utterance>|\b(?:user|assistant|system)\s*:|"
+                           + re.escape(DEFAULT_INSTRUCTION.rstrip(".")), re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory) -> dict[str, str]:
+    return build_demo_models(str(tmp_path_factory.mktemp("demo-models")))
+
+
+def _samples(n: int):
+    from test_handlers import _sample
+
+    return [_sample(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_stage_captions_with_new_tokens_only(demo_models, family):
+    handler = CaptionHandler(demo_models[family], max_new_tokens=12, device="cpu", max_batch_size=4, on_bad="keep")
+    model = handler.load_model()
+    assert handler.family() is family_of(family)
+    results = [r.inference for r in handler.run_inference(_samples(3), model)]
+    texts = [r.text if isinstance(r, Flagged) else r for r in results]
+    assert not any(isinstance(r, Reject) for r in results), results
+    assert all(isinstance(t, str) and t for t in texts)
+    for text in texts:
+        assert not TEMPLATE_TEXT.search(text), (family, text)
+    if family_of(family).chat:  # the instruction went in through the chat template
+        assert DEFAULT_INSTRUCTION in handler.prompt_text() and handler.prompt_text() != DEFAULT_INSTRUCTION
+    # Deterministic, and independent of the batch (padded to a fixed size).
+    again = [r.inference for r in handler.run_inference(_samples(3)[2:], model)]
+    assert again == results[2:]
+
+
+def test_the_manifest_records_family_prompt_and_generation(demo_models, demo, tiny_cache, tmp_path):
+    from prep.pipeline.run import run
+    from prep.schemas.validate import validate_output
+
+    out = tmp_path / "out"
+    manifest = run(demo_config(demo, str(out), tiny_cache, caption_model=demo_models["qwen2_vl"],
+                               caption_prompt="Describe the person.", caption_on_bad="keep"), [])
+    caption = manifest["models"]["caption"]
+    assert caption["family"] == "Qwen2-VL" and caption["prompt"] == "Describe the person."
+    assert caption["prompt_used"] == "Describe the person." and caption["prompt_is"] == "instruction"
+    assert (caption["max_new_tokens"], caption["num_beams"], caption["do_sample"], caption["padding_side"],
+            caption["on_bad"]) == (30, 1, False, "left", "keep")
+    assert caption["random_weights"] is True and len(caption["fingerprint"]["sha256"]) == 64
+    assert validate_output(str(out)).ok
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prep_run_with_each_family_validates(demo_models, demo, tiny_cache, tmp_path, family):
+    from prep.pipeline.run import run
+    from prep.schemas import contract
+    from prep.schemas.validate import validate_output
+
+    out = tmp_path / "out"
+    manifest = run(demo_config(demo, str(out), tiny_cache, caption_model=demo_models[family]), [])
+    assert manifest["reconciled"] and validate_output(str(out)).ok
+    captions = []
+    for tar in sorted(Path(out).glob("**/specific/*.tar")):
+        with open(tar, "rb") as f:
+            captions += [json.loads(s["json"])["caption_vlm"] for s in contract.iter_samples(f)]
+    assert len(captions) == manifest["counts"]["specific"] > 0  # (the dropped ones are in the reconciled dead letters)
+    for text in captions:
+        assert text and not TEMPLATE_TEXT.search(text), (family, text)
