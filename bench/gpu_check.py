@@ -81,9 +81,78 @@ def build_captioner(device: str, tiny: bool):
     net = net.to(device=device, dtype=dtype).eval()
     net.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
     net.generation_config.pad_token_id = config.text_config.pad_token_id
+    # The demo tokenizer knows ~150 of the real vocabulary's 151,936 ids: random logits would
+    # pick unknown ids, which decode to nothing (every caption "empty"). The logits over all of
+    # them are still computed; generation only picks among the tokenizer's.
+    net.generation_config.suppress_tokens = list(range(len(processor.tokenizer), config.text_config.vocab_size))
     base = blip2_processor(vocab_size=config.text_config.vocab_size)
     processor = Blip2Processor(image_processor=base.image_processor, tokenizer=base.tokenizer,
                                num_query_tokens=config.num_query_tokens)
+    params = sum(p.numel() for p in net.parameters())
+    return LoadedCaptioner(processor, net, device, dtype), params, str(dtype).replace("torch.", "")
+
+
+def qwen2_vl_config(tokenizer, tiny: bool):
+    """Qwen2-VL-2B-Instruct's architecture (tiny: prep demo-models' sizes), with the special
+    token ids of the processor's tokenizer (the vocabulary is the real one's size)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("pad", "<|endoftext|>"), ("eos", "<|im_end|>"), ("v_start", "<|vision_start|>"),
+        ("v_end", "<|vision_end|>"), ("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
+    if tiny:
+        text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, in_channels=3, patch_size=8,
+                      temporal_patch_size=2, spatial_merge_size=2)
+    else:  # Qwen/Qwen2-VL-2B-Instruct
+        text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, in_channels=3,
+                      patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+    text.update(bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image"],
+                         video_token_id=ids["video"], vision_start_token_id=ids["v_start"],
+                         vision_end_token_id=ids["v_end"], bos_token_id=ids["pad"], eos_token_id=ids["eos"],
+                         pad_token_id=ids["pad"])
+
+
+def build_chat_captioner(device: str, tiny: bool, work: str):
+    """Qwen2-VL (a chat family) at random init: prep demo-models' processor (its tokenizer and
+    chat template), with Qwen2-VL's real image processor (patch 14, 2x2 merge) unless tiny."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from prep.models.demo_models import build_demo_models
+    from prep.transforms.caption import LoadedCaptioner
+
+    folder = build_demo_models(os.path.join(work, "demo-models"), ["qwen2_vl"])["qwen2_vl"]
+    processor = AutoProcessor.from_pretrained(folder)
+    if not tiny:
+        processor.image_processor = Qwen2VLImageProcessor(
+            size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14, temporal_patch_size=2,
+            merge_size=2)
+    processor.tokenizer.padding_side = "left"
+    config = qwen2_vl_config(processor.tokenizer, tiny)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    net = net.to(device=device, dtype=dtype).eval()
+    net.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
+    net.generation_config.pad_token_id = config.text_config.pad_token_id
+    # The demo tokenizer knows ~150 of the real vocabulary's 151,936 ids: random logits would
+    # pick unknown ids, which decode to nothing (every caption "empty"). The logits over all of
+    # them are still computed; generation only picks among the tokenizer's.
+    net.generation_config.suppress_tokens = list(range(len(processor.tokenizer), config.text_config.vocab_size))
     params = sum(p.numel() for p in net.parameters())
     return LoadedCaptioner(processor, net, device, dtype), params, str(dtype).replace("torch.", "")
 
@@ -168,9 +237,15 @@ def model_only_ips(handler, samples, min_seconds: float) -> float:
 def check_stage(stage: str, args, samples, mask_path: str) -> dict:
     import torch
 
+    family = None
+    if ":" in stage:  # caption:qwen2_vl
+        stage, family = stage.split(":", 1)
     batch = {"caption": args.caption_batch, "embed": args.embed_batch, "mask": args.mask_batch}[stage]
     t0 = time.perf_counter()
-    if stage == "caption":
+    if stage == "caption" and family == "qwen2_vl":
+        _BUILT[stage], params, precision = build_chat_captioner(args.device, args.tiny, args.work)
+        label = "Qwen2-VL-2B" if not args.tiny else "Qwen2-VL tiny"
+    elif stage == "caption":
         _BUILT[stage], params, precision = build_captioner(args.device, args.tiny)
         label = "BLIP-2 OPT-2.7B" if not args.tiny else "BLIP-2 tiny"
     elif stage == "embed":
@@ -188,16 +263,25 @@ def check_stage(stage: str, args, samples, mask_path: str) -> dict:
     pooled, serial = handlers(stage, args.device, batch, args.threads, mask_path, args.max_new_tokens)
     record = {"stage": stage, "model": label, "params_m": round(params / 1e6, 1) if params else None,
               "precision": precision, "batch": batch, "images": len(samples), "build_s": round(build_s, 1)}
+    # The stage's own outcome on a few images first: a stage that rejects every image would
+    # otherwise show only as a tiny stage_ips.
+    rejected = [r.inference.reason for r in pooled.run_inference(samples[:3], pooled.load_model())
+                if hasattr(r.inference, "reason")]
+    if rejected:
+        record["rejected"] = f"{len(rejected)}/3: {rejected[0][:300]}"
+        print(f"[gpu_check] {label}: the stage rejected {record['rejected']}", file=sys.stderr, flush=True)
     record["model_ips"] = model_only_ips(pooled, samples, args.min_seconds)
     record["stage_ips"] = stage_timing(pooled, samples)["net_ips"]
     record["serial_ips"] = stage_timing(serial, samples)["net_ips"]
-    zero = zero_cost_handler(stage, args.threads, batch)
-    record["zero_ips"] = stage_timing(zero, samples)["net_ips"]
-    seconds, done = plain_loop(zero, samples, args.threads)
-    record["plain_ips"] = done / seconds
-    record["of_bound"] = record["stage_ips"] / min(record["model_ips"], record["zero_ips"])
+    if family is None:  # the zero-cost stage and plain loop are BLIP-2's processor: not a chat family's
+        zero = zero_cost_handler(stage, args.threads, batch)
+        record["zero_ips"] = stage_timing(zero, samples)["net_ips"]
+        seconds, done = plain_loop(zero, samples, args.threads)
+        record["plain_ips"] = done / seconds
+    record["of_bound"] = record["stage_ips"] / min(record["model_ips"], record.get("zero_ips") or record["model_ips"])
     for key in ("model_ips", "stage_ips", "serial_ips", "zero_ips", "plain_ips", "of_bound"):
-        record[key] = round(record[key], 2 if key == "of_bound" else 1)
+        if key in record:
+            record[key] = round(record[key], 2 if key == "of_bound" else 1)
     _BUILT.pop(stage, None)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -226,7 +310,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (CPU tests)")
-    parser.add_argument("--stages", default="embed,mask,caption")
+    parser.add_argument("--stages", default="embed,mask,caption",
+                        help="comma-separated: embed, mask, caption (BLIP-2), caption:qwen2_vl (a chat family)")
     parser.add_argument("--images", type=int, default=None, help="images per stage (default: 512; --tiny 24)")
     parser.add_argument("--caption-images", type=int, default=None, help="captioner images (default: 128; --tiny 16)")
     parser.add_argument("--threads", type=int, default=8, help="prepare_threads and plain-loop threads")
@@ -265,7 +350,7 @@ def main(argv=None) -> list[dict]:
     records = []
     start = time.perf_counter()
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        stage_samples = samples[: n_caption if stage == "caption" else n]
+        stage_samples = samples[: n_caption if stage.startswith("caption") else n]
         record = check_stage(stage, args, stage_samples, mask_path)
         record["device"] = args.device
         records.append(record)
