@@ -138,15 +138,20 @@ def build_manifest(
         "wids_index": {folder: f"{folder}/{WIDS_INDEX}" for folder in shard_folders(shards)},
         "shards": [
             {**{name: getattr(s, name) for name in (*contract.MANIFEST_SHARD_FIELDS, "split")},
-             **({"caption_flags": s.caption_flags} if s.caption_flags else {})} for s in shards
+             **({"caption_flags": s.caption_flags} if s.caption_flags else {}),
+             **({"caption_contradictions": s.caption_contradictions} if s.caption_contradictions else {})}
+            for s in shards
         ],
     }
-    flags: dict[str, int] = {}
-    for s in shards:
-        for flag, n in s.caption_flags.items():
-            flags[flag] = flags.get(flag, 0) + n
-    if flags:  # captions the guards flagged and --caption-on-bad keep wrote (dropped ones: dead_letter_reasons)
-        manifest["caption_flags"] = dict(sorted(flags.items()))
+    for name in ("caption_flags", "caption_contradictions"):
+        # captions the guards flagged and --caption-on-bad keep wrote (dropped ones: dead_letter_reasons);
+        # captions whose words contradict the sample's labels, per attribute
+        totals: dict[str, int] = {}
+        for s in shards:
+            for what, n in getattr(s, name).items():
+                totals[what] = totals.get(what, 0) + n
+        if totals:
+            manifest[name] = dict(sorted(totals.items()))
     return manifest
 
 

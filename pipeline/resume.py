@@ -177,7 +177,8 @@ def _verify(shard: output.Shard, state: Resume) -> Optional[ShardInfo]:
     state.keys.setdefault((shard.split, shard.domain), []).extend(keys)
     state.specific.extend(specific)
     return ShardInfo(domain=shard.domain, name=shard.name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
-                     split=shard.split, caption_flags=dict(stats.get("caption_flags") or {}))
+                     split=shard.split, caption_flags=dict(stats.get("caption_flags") or {}),
+                     caption_contradictions=dict(stats.get("caption_contradictions") or {}))
 
 
 def _read_dead_letters(out: str) -> list[DeadLetter]:
@@ -228,7 +229,8 @@ def scan_for_retry(out: str, manifest: dict) -> Retry:
         listed.setdefault((split, entry["domain"]), set()).add(entry["name"])
         state.shards.append(ShardInfo(domain=entry["domain"], name=entry["name"], count=entry["count"],
                                       sha256=entry["sha256"], bytes=entry["bytes"], split=split,
-                                      caption_flags=dict(entry.get("caption_flags") or {})))
+                                      caption_flags=dict(entry.get("caption_flags") or {}),
+                                      caption_contradictions=dict(entry.get("caption_contradictions") or {})))
     for split, domain in contract.split_domains():
         names = listed.get((split, domain), set())
         state.first_index[(split, domain)] = len(names)

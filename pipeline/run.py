@@ -303,6 +303,10 @@ def format_summary(manifest: dict, out: str) -> str:
         lines.append(f"dead letter  {n:6d}  {reason}")
     for flag, n in (manifest.get("caption_flags") or {}).items():
         lines.append(f"caption kept {n:6d}  flagged: {flag}")
+    contradicted = manifest.get("caption_contradictions") or {}
+    if contradicted:
+        lines.append("caption words against the labels: "
+                     + ", ".join(f"{attr} {n}" for attr, n in contradicted.items()) + " (prep inspect lists them)")
     for source in manifest.get("sources", []):
         line = f"source {source['spec']}: {source['items']} inputs"
         if source.get("missing_on_disk"):

@@ -30,6 +30,7 @@ from prep.report.identity_view import totals as identity_totals
 from prep.report.page import Chart, Ref, ReportPage, Triplet, caption_parts, render_page
 from prep.report.read import (
     OutputIndex,
+    _iter_shard,
     fetch_samples,
     index_output,
     manifest_shard_counts,
@@ -149,6 +150,7 @@ def inspect_output(
         notices=[n for n in [random_weights_note(manifest)] if n],
     )
     page.identity_html, summary["identity"] = _identity_view(index, manifest, problems)
+    page.contradictions_html, summary["caption_contradictions"] = _contradictions_view(index, manifest, problems)
     html = render_page(page).encode("utf-8")
     target = html_path if "://" in html_path else os.path.abspath(html_path)
     write_atomic(target, html)
@@ -355,6 +357,48 @@ def _open_image(data: Any) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+CONTRADICTIONS_SHOWN = 48
+
+
+def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems: list[str]) -> tuple[str, list]:
+    """Samples whose VLM caption contradicts their labels (transforms/caption_labels.py), with
+    thumbnails: read from the shards the manifest counts them in, and no other."""
+    from html import escape
+
+    shards = {(e.get("split", contract.TRAIN), e["domain"], e["name"]) for e in (manifest or {}).get("shards", [])
+              if e.get("caption_contradictions")}
+    rows, found = [], []
+    for shard in index.shards:
+        if (shard.split, shard.domain, shard.name) not in shards:
+            continue
+        for sample in _iter_shard(shard, problems):
+            meta = sample.get(contract.EXT_JSON)
+            if not isinstance(meta, dict) or not meta.get("caption_contradictions"):
+                continue
+            found.append(sample["__key__"])
+            if len(rows) >= CONTRADICTIONS_SHOWN:
+                continue
+            thumb = ""
+            try:
+                thumb = _uri(_open_image(sample[contract.EXT_IMAGE]).convert("RGB"), REF_SIDE)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types; the row shows without it
+                problems.append(f"{shard.rel}: {sample['__key__']}: image does not decode ({type(e).__name__}: {e})")
+            said = "; ".join(f"{c['attribute']} is {'1' if c['label'] else '-1'}, the caption says "
+                             f"\u201c{c['words']}\u201d" for c in meta["caption_contradictions"])
+            img = f'<img src="{thumb}" alt="">' if thumb else ""
+            rows.append(f"<tr><td>{img}</td><td><code>{escape(sample['__key__'])}</code></td><td>{escape(said)}</td>"
+                        f"<td>{escape(str(meta.get('caption_vlm') or ''))}</td></tr>")
+    if not found:
+        return "", []
+    more = f" (the first {len(rows)} shown)" if len(found) > len(rows) else ""
+    html = ('<section id="contradictions"><h2>Captions against their labels</h2>'
+            f"<p>{len(found)} sample(s) whose VLM caption contradicts one of their attribute labels{more}. "
+            "Labels are not changed: the label or the captioner may be the wrong one.</p>"
+            "<table><tr><th></th><th>key</th><th>contradiction</th><th>VLM caption</th></tr>"
+            + "".join(rows) + "</table></section>")
+    return html, found
 
 
 def _triplet(key: str, index: OutputIndex, fetched: dict[str, dict], problems: list[str]) -> Triplet:

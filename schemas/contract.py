@@ -149,7 +149,9 @@ JSON_IDENTITY_FIELDS = (
 )
 # The caption guards (transforms/caption_guards.py): present only on a sample written with
 # flagged caption (--caption-on-bad keep), a list of CAPTION_FLAGS.
-JSON_CAPTION_FIELDS = ("caption_flags",)
+# `caption_contradictions`: present only when VLM words contradict the sample's attribute
+# labels (transforms/caption_labels.py): [{"attribute", "label", "words"}].
+JSON_CAPTION_FIELDS = ("caption_flags", "caption_contradictions")
 CAPTION_FLAGS = ("empty", "repetition loop", "echo", "refusal", "cut at the token limit")
 JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS)
 # identity_status values (transforms/verify.py decides them).

@@ -84,6 +84,7 @@ class Sample:
     caption_attributes: Optional[str] = None
     caption: Optional[str] = None
     caption_flags: tuple[str, ...] = ()  # caption guards that fired, kept (--caption-on-bad keep)
+    caption_contradictions: tuple[dict, ...] = ()  # VLM words against the labels (transforms/caption_labels.py)
     mask_png: Optional[bytes] = None
     mask_fraction: Optional[float] = None
     embedding: Optional[np.ndarray] = None  # float32 [D]
@@ -231,6 +232,7 @@ class ShardInfo:
     bytes: int
     split: str = contract.TRAIN  # where it lives: contract.shard_folder(split, domain)
     caption_flags: dict = field(default_factory=dict)  # flag -> samples kept with it (--caption-on-bad keep)
+    caption_contradictions: dict = field(default_factory=dict)  # attribute -> samples whose caption contradicts it
 
 
 @dataclass

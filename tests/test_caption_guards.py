@@ -81,3 +81,65 @@ def test_an_unsupported_caption_model_is_refused_in_the_preflight(tmp_path, demo
     assert result.exit_code == 2, result.output
     assert "caption model type 'bert'" in result.output and "Qwen2-VL (qwen2_vl/qwen2_5_vl)" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.fixture
+def canned_captions(monkeypatch):
+    """The captioner's decoded text replaced, in turn, by a refusal, a repetition loop and a
+    caption with a preamble (the stage's own guards then judge them): a stub of the failures
+    instruction VLMs produce, through the whole pipeline."""
+    import itertools
+    import threading
+
+    from prep.transforms.caption import CaptionHandler
+
+    texts = itertools.cycle(["I'm sorry, I can't describe people in images.", "a man a man a man a man",
+                             "The image shows a smiling woman."])
+    lock = threading.Lock()
+    real = CaptionHandler.processor
+
+    class Canned:
+        def __init__(self, processor):
+            self._processor = processor
+
+        def __getattr__(self, name):
+            return getattr(self._processor, name)
+
+        def decode(self, ids, **kwargs):
+            with lock:
+                return next(texts)
+
+    monkeypatch.setattr(CaptionHandler, "processor", lambda self: Canned(real(self)))
+
+
+@pytest.mark.parametrize("on_bad", ["drop", "keep"])
+def test_flagged_captions_are_dropped_or_kept_and_the_counts_reconcile(canned_captions, demo, tiny_cache, tmp_path,
+                                                                      on_bad):
+    from conftest import demo_config
+    from prep.pipeline.run import run
+    from prep.schemas.validate import validate_output
+
+    out = tmp_path / "out"
+    manifest = run(demo_config(demo, str(out), tiny_cache, caption_on_bad=on_bad), [])
+    assert manifest["reconciled"] and validate_output(str(out)).ok
+    captioned = 24  # the demo's specific samples (general ones are not captioned)
+    third = captioned // 3
+    reasons = manifest["dead_letter_reasons"]
+    samples = []
+    for tar in sorted(out.glob("**/specific/*.tar")):
+        with open(tar, "rb") as f:
+            samples += [json.loads(s["json"]) for s in contract.iter_samples(f)]
+    if on_bad == "drop":
+        assert reasons["caption: caption is a refusal"] == third
+        assert reasons["caption: caption is a repetition loop"] == third
+        assert manifest["counts"]["specific"] == third and "caption_flags" not in manifest
+        assert {s["caption_vlm"] for s in samples} == {"a smiling woman."}  # the preamble trimmed
+        letters = [json.loads(line) for line in (out / contract.DEAD_LETTER_FILE).read_text().splitlines()]
+        refusal = next(letter for letter in letters if letter["kind"] == "caption is a refusal")
+        assert refusal["stage"] == "caption" and "I'm sorry, I can't describe people" in refusal["reason"]
+    else:
+        assert not any(k.startswith("caption:") for k in reasons)
+        assert manifest["caption_flags"] == {"refusal": third, "repetition loop": third}
+        assert manifest["counts"]["specific"] == captioned
+        flags = sorted(tuple(s.get("caption_flags", ())) for s in samples)
+        assert flags == sorted([()] * third + [("refusal",)] * third + [("repetition loop",)] * third)

@@ -242,6 +242,9 @@ def add_attribute_caption(sample: Sample, sep: str = ". ") -> Sample:
     Without a VLM caption (general-domain images that were not captioned) the text that came
     with the image is the base caption.
     """
+    from prep.transforms.caption_labels import contradictions
+
     attr = attribute_caption(sample.attributes) if sample.attributes else None
     base = sample.caption_vlm if sample.caption_vlm is not None else (sample.text or "")
-    return sample.with_(caption_attributes=attr, caption=join_captions(base, attr, sep))
+    return sample.with_(caption_attributes=attr, caption=join_captions(base, attr, sep),
+                        caption_contradictions=contradictions(sample.caption_vlm, sample.attributes))

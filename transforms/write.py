@@ -69,6 +69,8 @@ def sample_json(sample: Sample) -> dict:
     meta.update(identity_json(sample))
     if sample.caption_flags:  # only on a flagged caption that was kept (--caption-on-bad keep)
         meta["caption_flags"] = list(sample.caption_flags)
+    if sample.caption_contradictions:  # only where VLM words contradict the labels
+        meta["caption_contradictions"] = [dict(c) for c in sample.caption_contradictions]
     return meta
 
 
@@ -153,6 +155,7 @@ class ShardRow:
     faces: Optional[int] = None
     face_fraction: Optional[float] = None
     caption_flags: tuple[str, ...] = ()
+    contradicted: tuple[str, ...] = ()  # attributes the caption contradicts
 
     @property
     def caption_words(self) -> int:
@@ -190,6 +193,7 @@ class ShardRow:
             faces=meta["faces"],
             face_fraction=meta["face_fraction"],
             caption_flags=tuple(meta.get("caption_flags") or ()),
+            contradicted=tuple(c["attribute"] for c in meta.get("caption_contradictions") or ()),
         )
 
 
@@ -237,6 +241,15 @@ def caption_flag_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def contradiction_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
+    """attribute -> rows whose VLM caption contradicts its label."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for attribute in row.contradicted:
+            counts[attribute] = counts.get(attribute, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """{"count", "min", "max", "mean"} of some numbers (min/max/mean null when there are none)."""
     if not values:
@@ -252,6 +265,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         sources[row.source] = sources.get(row.source, 0) + 1
     masks = [r.mask_fraction for r in rows if r.mask_fraction is not None]
     flags = caption_flag_counts(rows)
+    contradicted = contradiction_counts(rows)
     return {
         "schema_version": contract.SCHEMA_VERSION,
         "shard": shard,
@@ -278,6 +292,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         "height": summarize([r.height for r in rows]),
         "jpg_bytes": {**summarize([r.jpg_bytes for r in rows]), "total": sum(r.jpg_bytes for r in rows)},
         **({"caption_flags": flags} if flags else {}),  # only when a flagged caption was kept
+        **({"caption_contradictions": contradicted} if contradicted else {}),
     }
 
 
@@ -365,7 +380,7 @@ def write_shard_files(folder: str, split: str, domain: str, index: int, data: by
     write_atomic(f"{folder}/{parquet_name(name)}", parquet_bytes(rows))
     write_atomic(f"{folder}/{stats_name(name)}", stats_bytes(stats))
     return ShardInfo(domain=domain, name=name, count=len(rows), sha256=sha256, bytes=len(data), split=split,
-                     caption_flags=caption_flag_counts(rows))
+                     caption_flags=caption_flag_counts(rows), caption_contradictions=contradiction_counts(rows))
 
 
 class WriteShards(beam.PTransform):

@@ -171,6 +171,13 @@ class _SampleChecks:
             and all(f in CAPTION_FLAGS for f in meta["caption_flags"])
         ):
             field_problem("caption_flags", f"a non-empty list of {', '.join(CAPTION_FLAGS)}")
+        if "caption_contradictions" in meta and not (
+            isinstance(meta["caption_contradictions"], list) and meta["caption_contradictions"]
+            and all(isinstance(c, dict) and set(c) == {"attribute", "label", "words"}
+                    and isinstance(c["label"], bool) and isinstance(c["words"], str)
+                    for c in meta["caption_contradictions"])
+        ):
+            field_problem("caption_contradictions", "a non-empty list of {attribute, label, words}")
         if "schema_version" in meta and not (
             _is_int(meta["schema_version"]) and meta["schema_version"] == SCHEMA_VERSION
         ):

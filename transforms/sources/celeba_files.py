@@ -3,10 +3,18 @@ reported as a warning, never guessed away silently."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Optional
 
-
-from prep.transforms.sources.files import FOLDER_IMAGE_EXTS, PathOrFile, _UINT, _examples, _ext, _read_lines, _stem
+from prep.transforms.sources.files import (
+    _UINT,
+    FOLDER_IMAGE_EXTS,
+    PathOrFile,
+    _examples,
+    _ext,
+    _read_lines,
+    _stem,
+)
 
 CELEBA_IMAGE_DIR = "img_align_celeba"
 CELEBA_IDENTITY = "identity_CelebA"
