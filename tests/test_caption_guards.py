@@ -105,6 +105,9 @@ def canned_captions(monkeypatch):
         def __getattr__(self, name):
             return getattr(self._processor, name)
 
+        def __call__(self, *args, **kwargs):
+            return self._processor(*args, **kwargs)
+
         def decode(self, ids, **kwargs):
             with lock:
                 return next(texts)
