@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def build_captioner(device: str, tiny: bool):
     return LoadedCaptioner(processor, net, device, dtype), params, str(dtype).replace("torch.", "")
 
 
-def qwen2_vl_config(tokenizer, tiny: bool):
+def qwen2_vl_config(tokenizer, tiny: bool, text_sizes: Optional[dict] = None, vision_sizes: Optional[dict] = None):
     """Qwen2-VL-2B-Instruct's architecture (tiny: prep demo-models' sizes), with the special
     token ids of the processor's tokenizer (the vocabulary is the real one's size)."""
     from transformers import Qwen2VLConfig
@@ -113,6 +114,8 @@ def qwen2_vl_config(tokenizer, tiny: bool):
                                      "mrope_section": [16, 24, 24]})
         vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, in_channels=3,
                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+    text.update(text_sizes or {})
+    vision.update(vision_sizes or {})
     text.update(bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image"],
                          video_token_id=ids["video"], vision_start_token_id=ids["v_start"],

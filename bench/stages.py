@@ -66,6 +66,43 @@ def build_small_blip(directory: str) -> str:
     return directory
 
 
+def build_small_chat(directory: str) -> str:
+    """A Qwen2-VL captioner of realistic shape but small width (Qwen2-VL's real image processor:
+    patch 14, 2x2 merge, 48 image tokens for a CelebA image; a 4-layer ViT and a 4-layer
+    decoder of width 256), random weights, with prep demo-models' tokenizer and chat template,
+    saved with save_pretrained: loaded by the stage as a real checkpoint is."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from bench.gpu_check import qwen2_vl_config
+    from prep.models.demo_models import build_demo_models
+
+    folder = build_demo_models(os.path.join(directory, "demo"), ["qwen2_vl"])["qwen2_vl"]
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14, temporal_patch_size=2,
+        merge_size=2)
+    config = qwen2_vl_config(
+        processor.tokenizer, tiny=True,
+        text_sizes=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                                "mrope_section": [8, 12, 12]}),
+        vision_sizes=dict(depth=4, embed_dim=256, hidden_size=256, num_heads=4, mlp_ratio=4, patch_size=14))
+    torch.manual_seed(0)
+    net = Qwen2VLForConditionalGeneration(config).eval()
+    net.generation_config.eos_token_id = None  # random weights: every caption is max_new_tokens long
+    net.generation_config.pad_token_id = config.text_config.pad_token_id
+    # Random logits pick special tokens too, which decode to nothing (an empty caption, rejected
+    # by the stage): generate words only, as the BLIP above does.
+    tokenizer = processor.tokenizer
+    net.generation_config.suppress_tokens = sorted(set(tokenizer.all_special_ids)
+                                                   | set(tokenizer.get_added_vocab().values()))
+    out = os.path.join(directory, "model")
+    net.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def make_samples(n: int, work: str):
     """n decoded demo images as Samples, each with a centred elliptical mask."""
     from PIL import Image, ImageDraw
@@ -103,14 +140,19 @@ def plain_caption(handler, samples, batch):
 
     loaded = handler.load_model()
     processor, net, device = loaded.processor, loaded.model, loaded.device
+    chat = not handler.family().per_element
+    text = handler.prompt_text() if chat else None  # the chat template around the instruction
     start = time.perf_counter()
     out = []
     for i in range(0, len(samples), batch):
         images = [load_rgb(s.image_jpeg) for s in samples[i:i + batch]]
-        inputs = processor(images=images, return_tensors="pt").to(device)
+        kwargs = {"text": [text] * len(images), "padding": True} if chat else {}
+        inputs = processor(images=images, return_tensors="pt", **kwargs).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
         with torch.inference_mode():
             ids = net.generate(**inputs, max_new_tokens=handler.max_new_tokens, num_beams=1, do_sample=False)
+        if chat:  # the new tokens only
+            ids = ids[:, inputs["input_ids"].shape[1]:]
         out += [clean_caption(t) for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return time.perf_counter() - start, len(out)
 
@@ -215,6 +257,9 @@ def main(argv=None) -> None:
     parser.add_argument("--real", action="store_true", help="the paper preset's real models (needs them cached)")
     parser.add_argument("--embed-batch", type=int, default=16)
     parser.add_argument("--caption-batch", type=int, default=8)
+    parser.add_argument("--caption-family", default="blip", choices=["blip", "qwen2_vl"],
+                        help="the captioner: a small BLIP, or a small Qwen2-VL (a chat family: its template, "
+                        "left padding, the processor on the whole batch)")
     parser.add_argument("--mask-batch", type=int, default=8)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # STAGE:plain|pipeline
@@ -236,11 +281,17 @@ def main(argv=None) -> None:
         models = {"caption": "Salesforce/blip2-opt-2.7b", "embed": ("ViT-L-14", "openai"), "mask": "u2net"}
     else:
         mask = str(SHARED_U2NETP) if SHARED_U2NETP.is_file() else ensure_tiny_models(os.path.join(work, "tiny")).mask_onnx
-        blip = os.path.join(work, "small-blip")
-        # Built in a child: torch work on this process's main thread is not wanted (see below).
-        subprocess.run([sys.executable, "-c", f"from bench.stages import build_small_blip; build_small_blip({blip!r})"],
-                       check=True)
-        models = {"caption": blip, "embed": ("ViT-B-32", None), "mask": mask}
+        if args.caption_family == "qwen2_vl":
+            chat = os.path.join(work, "small-qwen2-vl")
+            # Built in a child: torch work on this process's main thread is not wanted (see below).
+            subprocess.run([sys.executable, "-c", f"from bench.stages import build_small_chat; build_small_chat({chat!r})"],
+                           check=True)
+            captioner = os.path.join(chat, "model")
+        else:
+            captioner = os.path.join(work, "small-blip")
+            subprocess.run([sys.executable, "-c",
+                            f"from bench.stages import build_small_blip; build_small_blip({captioner!r})"], check=True)
+        models = {"caption": captioner, "embed": ("ViT-B-32", None), "mask": mask}
     make_samples(args.images or max(defaults.values()), work)
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
         n = args.images or defaults.get(stage, 64)
