@@ -82,10 +82,6 @@ def build_captioner(device: str, tiny: bool):
     net = net.to(device=device, dtype=dtype).eval()
     net.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
     net.generation_config.pad_token_id = config.text_config.pad_token_id
-    # The demo tokenizer knows ~150 of the real vocabulary's 151,936 ids: random logits would
-    # pick unknown ids, which decode to nothing (every caption "empty"). The logits over all of
-    # them are still computed; generation only picks among the tokenizer's.
-    net.generation_config.suppress_tokens = list(range(len(processor.tokenizer), config.text_config.vocab_size))
     base = blip2_processor(vocab_size=config.text_config.vocab_size)
     processor = Blip2Processor(image_processor=base.image_processor, tokenizer=base.tokenizer,
                                num_query_tokens=config.num_query_tokens)
