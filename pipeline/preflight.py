@@ -133,6 +133,7 @@ def caption_family_checked(where: ModelLocation) -> ModelLocation:
     from prep.transforms.captioners import (
         UnsupportedCaptioner,
         family_of,
+        has_chat_template,
         read_model_type,
         supported,
     )
@@ -140,10 +141,16 @@ def caption_family_checked(where: ModelLocation) -> ModelLocation:
     if where.path and where.problem is None:
         model_type = read_model_type(where.path)
         try:
-            family_of(model_type)
+            family = family_of(model_type)
         except UnsupportedCaptioner:
             where.problem = f"caption model type {model_type!r} ({where.path}) is not one prep runs"
             where.fixes = [f"a model of a supported family: {supported()}"]
+            return where
+        if family.chat and os.path.isdir(where.path) and not has_chat_template(where.path):
+            where.problem = (f"caption model {where.path} is a {family.name} chat model without a chat template: "
+                             "the instruction cannot be placed")
+            where.fixes = ["save its processor with the chat template (processor.save_pretrained keeps "
+                           "chat_template.jinja)", "a checkpoint folder that has chat_template.jinja or .json"]
     return where
 
 

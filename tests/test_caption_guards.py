@@ -146,3 +146,25 @@ def test_flagged_captions_are_dropped_or_kept_and_the_counts_reconcile(canned_ca
         assert manifest["counts"]["specific"] == captioned
         flags = sorted(tuple(s.get("caption_flags", ())) for s in samples)
         assert flags == sorted([()] * third + [("refusal",)] * third + [("repetition loop",)] * third)
+
+
+def test_a_chat_model_without_a_chat_template_is_refused_in_the_preflight(tmp_path, demo, tiny_cache):
+    """An instruction needs the template to be placed: refused before the run, naming the fix."""
+    import shutil
+
+    from prep.cli import app
+    from prep.models.demo_models import build_demo_models
+    from prep.transforms.captioners import has_chat_template
+
+    folder = build_demo_models(str(tmp_path / "models"), ["qwen2_vl"])["qwen2_vl"]
+    assert has_chat_template(folder)
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "chat_template.jinja").unlink()
+    assert not has_chat_template(str(bare))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--input", f"celeba:{demo['celeba_dir']}", "--out", str(out),
+                                      "--preset", "tiny", "--model-cache", tiny_cache, "--caption-model", str(bare),
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "Qwen2-VL chat model without a chat template" in result.output and not out.exists()

@@ -97,6 +97,22 @@ def read_model_type(model: str) -> Optional[str]:
         return None
 
 
+def has_chat_template(folder: str) -> bool:
+    """Whether a saved processor or tokenizer carries a chat template: transformers 5's
+    chat_template.jinja, the older chat_template.json, or a `chat_template` key in
+    tokenizer_config.json / processor_config.json."""
+    if any(os.path.isfile(os.path.join(folder, name)) for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                if json.load(f).get("chat_template"):
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def effective_prompt(family: Family, prompt: Optional[str]) -> Optional[str]:
     """What the family is given: the user's prompt, else the family's default."""
     return prompt if prompt else family.default_prompt
