@@ -200,6 +200,28 @@ def validate_cmd(out: str = typer.Argument(..., help="output directory of prep r
         raise typer.Exit(1)
 
 
+@app.command("diff")
+def diff_cmd(
+    a: str = typer.Argument(..., metavar="A", help="an output of prep run (the before)"),
+    b: str = typer.Argument(..., metavar="B", help="another output (the after)"),
+    as_json: bool = typer.Option(False, "--json", help="the whole report as JSON, for scripts"),
+    examples: int = typer.Option(3, min=0, help="examples per changed field"),
+):
+    """What changed between two outputs: per field, samples changed, added and removed, with
+    examples side by side, and counts per split. Exit 0 when identical, 1 when they differ."""
+    _setup_logging(False)
+    from prep.report.diff import diff_outputs, format_diff
+
+    try:
+        report = diff_outputs(a, b, examples=examples)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report.to_json(), indent=1, sort_keys=True) if as_json else format_diff(report))
+    if not report.identical:
+        raise typer.Exit(1)
+
+
 @app.command("inspect")
 def inspect_cmd(
     out_dir: str = typer.Argument(..., metavar="OUT", help="output directory of prep run (local path or gs://...)"),
