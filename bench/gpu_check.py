@@ -28,13 +28,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from bench.ceiling import (
+    BLIP2_IMAGE_SIZE,
+    blip2_processor,
+    load_samples,
+    plain_loop,
+    stage_timing,
+    write_images,
+    zero_cost_handler,
+)
 from prep.transforms.caption import CaptionHandler
 from prep.transforms.embed import EmbedHandler
 from prep.transforms.mask import MaskHandler
-from bench.ceiling import (BLIP2_IMAGE_SIZE, blip2_processor, load_samples, plain_loop, stage_timing, write_images,
-                           zero_cost_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 U2NETP_PLACES = [REPO / "shared" / "models" / "u2netp.onnx", REPO.parent / "shared" / "models" / "u2netp.onnx"]
@@ -63,25 +68,33 @@ def blip2_config(tiny: bool):
     return Blip2Config(text_config=text, num_query_tokens=32, image_token_index=50265)
 
 
-def build_captioner(device: str, tiny: bool):
+def random_captioner(model_class, config, device: str):
+    """(the model at random init, its dtype): fp16 on CUDA, built in its final precision on
+    the device (no fp32 copy), generating max_new_tokens always (no end token)."""
     import torch
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from prep.transforms.caption import LoadedCaptioner
-
-    config = blip2_config(tiny)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its final precision, on the device: no fp32 copy
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            net = Blip2ForConditionalGeneration(config)
+            net = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     net = net.to(device=device, dtype=dtype).eval()
     net.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
     net.generation_config.pad_token_id = config.text_config.pad_token_id
+    return net, dtype
+
+
+def build_captioner(device: str, tiny: bool):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from prep.transforms.caption import LoadedCaptioner
+
+    config = blip2_config(tiny)
+    net, dtype = random_captioner(Blip2ForConditionalGeneration, config, device)
     base = blip2_processor(vocab_size=config.text_config.vocab_size)
     processor = Blip2Processor(image_processor=base.image_processor, tokenizer=base.tokenizer,
                                num_query_tokens=config.num_query_tokens)
@@ -122,7 +135,6 @@ def qwen2_vl_config(tokenizer, tiny: bool, text_sizes: Optional[dict] = None, vi
 def build_chat_captioner(device: str, tiny: bool, work: str):
     """Qwen2-VL (a chat family) at random init: prep demo-models' processor (its tokenizer and
     chat template), with Qwen2-VL's real image processor (patch 14, 2x2 merge) unless tiny."""
-    import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
     from prep.models.demo_models import build_demo_models
@@ -136,18 +148,7 @@ def build_chat_captioner(device: str, tiny: bool, work: str):
             merge_size=2)
     processor.tokenizer.padding_side = "left"
     config = qwen2_vl_config(processor.tokenizer, tiny)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = Qwen2VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    net = net.to(device=device, dtype=dtype).eval()
-    net.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
-    net.generation_config.pad_token_id = config.text_config.pad_token_id
+    net, dtype = random_captioner(Qwen2VLForConditionalGeneration, config, device)
     # The demo tokenizer knows ~150 of the real vocabulary's 151,936 ids: random logits would
     # pick unknown ids, which decode to nothing (every caption "empty"). The logits over all of
     # them are still computed; generation only picks among the tokenizer's.

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -40,8 +41,8 @@ from PIL import Image
 from prep.atomic import write_atomic
 from prep.schemas import contract
 from prep.schemas.contract import parquet_name, stats_name
-from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.schemas.records import SPECIFIC, Sample, ShardInfo
+from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.transforms.common import counter, fault_point
 from prep.transforms.identity import face_embedding, identity_json
 from prep.transforms.pair import Refs, attach_refs
@@ -224,30 +225,23 @@ def parquet_bytes(rows: Sequence[ShardRow]) -> bytes:
     return buf.getvalue()
 
 
+def _tally(values) -> dict[str, int]:
+    """value -> how many times it occurs, in sorted order."""
+    return dict(sorted(Counter(values).items()))
+
+
 def _status_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.identity_status is not None:
-            counts[row.identity_status] = counts.get(row.identity_status, 0) + 1
-    return dict(sorted(counts.items()))
+    return _tally(row.identity_status for row in rows if row.identity_status is not None)
 
 
 def caption_flag_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     """flag -> rows written with it (the caption guards, --caption-on-bad keep)."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        for flag in row.caption_flags:
-            counts[flag] = counts.get(flag, 0) + 1
-    return dict(sorted(counts.items()))
+    return _tally(flag for row in rows for flag in row.caption_flags)
 
 
 def contradiction_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     """attribute -> rows whose VLM caption contradicts its label."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        for attribute in row.contradicted:
-            counts[attribute] = counts.get(attribute, 0) + 1
-    return dict(sorted(counts.items()))
+    return _tally(attribute for row in rows for attribute in row.contradicted)
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
