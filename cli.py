@@ -12,10 +12,12 @@ error naming the closest option); they pass through unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
+import os
 import sys
 import typing
 from typing import Any, List, Optional
@@ -141,8 +143,8 @@ def _run_cmd(
         with interruptible(), RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress,
                                          verbose=verbose):
             manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
-    except Interrupted as exc:  # Ctrl-C / SIGTERM: one line (said already), 130 / 143, OUT resumable
-        raise typer.Exit(exc.exit_code) from None
+    except Interrupted:  # Ctrl-C / SIGTERM: one line (said already); main() exits 130 / 143, OUT resumable
+        raise
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -295,7 +297,15 @@ _register_subcommands()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="prep")
+    from prep.pipeline.interrupts import Interrupted
+
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="prep")
+    except Interrupted as exc:  # the one line is said: leave now, skipping the interpreter's shutdown
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(exc.exit_code)
 
 
 if __name__ == "__main__":

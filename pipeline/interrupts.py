@@ -15,7 +15,12 @@ rerun resumes. Within `interruptible()`, the first signal:
 
 When the block unwinds, the one line goes to the real stderr and `Interrupted` (exit code 128 +
 the signal's number) replaces whatever exception came out; descriptor 2 stays on /dev/null
-until the process exits. Later signals while it unwinds are ignored.
+until the process exits. Later signals are ignored from the first one on, for good: the process
+is leaving. The CLI's `main()` ends it with `os._exit(exit_code)`, without the interpreter's
+shutdown: a KeyboardInterrupt raised by the handler inside code that CPython runs through
+`PyRun_String` marks the interpreter as "ended by an unhandled KeyboardInterrupt", and a normal
+exit would then kill the process with SIGINT (exit -2) whatever `sys.exit` said (seen once in
+CI, under load); the shutdown would also wait on Beam's non-daemon threads.
 """
 
 from __future__ import annotations
@@ -103,12 +108,15 @@ def interruptible() -> Iterator[dict]:
     except BaseException:
         if state["signum"] is None:
             raise
+        for s in SIGNALS:  # the process is on its way out: a second Ctrl-C must not turn into a traceback
+            signal.signal(s, signal.SIG_IGN)
         _kill_descendants()  # any started while it unwound
         _say(state, MESSAGE)
         raise Interrupted(state["signum"]) from None
     finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
+        if state["signum"] is None:
+            for s, old in previous.items():
+                signal.signal(s, old)
     if state["stderr"] is not None:  # a signal after the block's work was done: carry on
         os.dup2(state["stderr"], 2)
         os.close(state["stderr"])

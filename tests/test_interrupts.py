@@ -128,3 +128,31 @@ def test_descendants_finds_children_and_grandchildren():
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_a_second_signal_after_the_first_is_ignored_and_main_exits_with_the_code():
+    """Once stopping, a second Ctrl-C (pressed twice, or a supervisor's SIGTERM after SIGINT)
+    must neither raise in the code that unwinds nor change the exit code. Before the fix this
+    exited -2 (killed by SIGINT), as one CI run did under load."""
+    script = """
+import os, signal, time
+import prep.cli as cli
+from prep.pipeline.interrupts import interruptible
+
+def app(**kwargs):
+    try:
+        with interruptible():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:  # Interrupted is on its way to main(): two more signals
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+cli.app = app
+cli.main([])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines() == [MESSAGE], proc.stderr
