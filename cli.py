@@ -254,15 +254,18 @@ def demo_data_cmd(
     general_shards: int = typer.Option(2),
     general_per_shard: int = typer.Option(8),
     corrupt: int = typer.Option(0, help="also write this many corrupt images (they must be dead-lettered)"),
+    lsun_records: int = typer.Option(12, help="images in the LSUN-layout database OUT_DIR/lsun/dog (plus one bad "
+                                              "record); 0 for none"),
     seed: int = typer.Option(0),
 ):
-    """Write a synthetic CelebA-layout dataset and img2dataset-style general shards."""
+    """Write a synthetic CelebA-layout dataset, img2dataset-style general shards and an LSUN-layout database."""
     _setup_logging(False)
     from prep.demo import write_demo_data
 
     info = write_demo_data(
         out_dir, identities=identities, images_per_identity=images_per_identity,
         general_shards=general_shards, general_per_shard=general_per_shard, seed=seed, corrupt=corrupt,
+        lsun_records=lsun_records,
     )
     typer.echo(json.dumps(info, indent=1))
 

@@ -8,6 +8,8 @@
         list_attr_celeba.txt             count line, 40 names, "000001.jpg -1  1 ..." rows
         list_eval_partition.txt          "000001.jpg 0" (0 train, 1 val, 2 test)
     out_dir/general/000000.tar ...       img2dataset's WebDataset layout: KEY.jpg, KEY.txt, KEY.json
+    out_dir/lsun/dog/data.mdb            LSUN's layout: an LMDB database, 40-hex-digit key -> image
+                                         (WebP, every fourth one JPEG), plus one undecodable record
 
 The faces are cartoons, but the data has the properties the pipeline relies on:
 
@@ -68,7 +70,9 @@ _SHARD_DIGITS = 6
 
 # Independent random streams (numpy SeedSequence entropy [seed, stream, ...]): adding
 # identities, images or shards never changes what the existing ones look like.
-_STREAM_LAYOUT, _STREAM_IDENTITY, _STREAM_IMAGE, _STREAM_CORRUPT, _STREAM_GENERAL = range(5)
+_STREAM_LAYOUT, _STREAM_IDENTITY, _STREAM_IMAGE, _STREAM_CORRUPT, _STREAM_GENERAL, _STREAM_LSUN = range(6)
+LSUN_IMAGE_SIZE = (160, 128)
+LSUN_BAD_RECORDS = 1
 
 RGB = tuple[int, int, int]
 
@@ -561,6 +565,65 @@ def _write_general(root: Path, *, shards: int, per_shard: int, seed: int) -> int
     return shards * per_shard
 
 
+def _draw_animal(rng: np.random.Generator) -> Image.Image:
+    """A four-legged cartoon animal (body, head, ear, tail, legs) in one coat colour on a plain
+    background far from it: one object per image, as in LSUN's object categories."""
+    width, height = LSUN_IMAGE_SIZE
+    coat = _hsv(float(rng.uniform(0.02, 0.12)), float(rng.uniform(0.3, 0.8)), float(rng.uniform(0.25, 0.9)))
+    background = _background(rng, [coat])
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    scale = float(rng.uniform(0.7, 1.0))
+    cx, cy = width * float(rng.uniform(0.4, 0.6)), height * float(rng.uniform(0.5, 0.6))
+    bw, bh = 46 * scale, 22 * scale
+    facing = 1 if _chance(rng, 0.5) else -1
+    for dx in (-0.7, -0.35, 0.35, 0.7):  # legs
+        x = cx + dx * bw
+        draw.rectangle((x - 4 * scale, cy, x + 4 * scale, cy + bh + 18 * scale), fill=_scale(coat, 0.85))
+    draw.ellipse((cx - bw, cy - bh, cx + bw, cy + bh), fill=coat)
+    hx, hy, hr = cx + facing * bw * 1.05, cy - bh * 1.1, 16 * scale
+    draw.ellipse((hx - hr, hy - hr, hx + hr, hy + hr), fill=coat)
+    draw.polygon([(hx - facing * 4, hy - hr + 2), (hx - facing * 14, hy - hr - 14 * scale), (hx - facing * 16, hy - 2)],
+                 fill=_scale(coat, 0.7))  # ear
+    draw.ellipse((hx + facing * 6 - 2, hy - 5, hx + facing * 6 + 2, hy - 1), fill=_DARK)  # eye
+    tx = cx - facing * bw
+    draw.line((tx, cy - 4, tx - facing * 18 * scale, cy - bh - 12 * scale), fill=coat, width=max(2, int(5 * scale)))
+    return image
+
+
+def _write_lsun(folder: Path, *, records: int, seed: int) -> int:
+    """An LSUN category folder: data.mdb with `records` images (WebP, every fourth JPEG) and
+    LSUN_BAD_RECORDS undecodable values, keyed by 40 hex digits; written in a temporary folder
+    and renamed into place. Returns the number of decodable images."""
+    import hashlib
+
+    import lmdb
+
+    rows: dict[bytes, bytes] = {}
+    for i in range(records):
+        image = _draw_animal(np.random.default_rng([seed, _STREAM_LSUN, i]))
+        buffer = io.BytesIO()
+        if i % 4 == 3:
+            image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            image.save(buffer, format="WEBP", quality=80, method=4)
+        rows[hashlib.sha1(f"demo-lsun-{seed}-{i}".encode()).hexdigest().encode("ascii")] = buffer.getvalue()
+    for j in range(LSUN_BAD_RECORDS):
+        key = hashlib.sha1(f"demo-lsun-{seed}-bad-{j}".encode()).hexdigest().encode("ascii")
+        rows[key] = b"RIFF\x00\x00\x00\x00WEBPVP8 not an image"  # a WebP header and nothing after it
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    env = lmdb.open(str(tmp), map_size=max(1 << 20, 4 * sum(len(v) + len(k) for k, v in rows.items())), subdir=True)
+    with env.begin(write=True) as txn:
+        for key in sorted(rows):
+            txn.put(key, rows[key])
+    env.sync()
+    env.close()
+    os.replace(tmp, folder)
+    return records
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 
@@ -574,6 +637,7 @@ def write_demo_data(
     general_per_shard: int = 8,
     seed: int = 0,
     corrupt: int = 0,
+    lsun_records: int = 12,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the synthetic dataset under `out_dir` (see the module docstring) and describe it.
@@ -587,27 +651,31 @@ def write_demo_data(
         seed: everything written is a function of the arguments; same seed, same bytes.
         corrupt: number of undecodable "JPEG" files added after the real images, each with
             identity, attribute and partition rows.
-        overwrite: when `out_dir/celeba` or `out_dir/general` already exist and are not empty,
+        lsun_records: images in the LSUN-layout database `out_dir/lsun/dog` (0 for none); one
+            undecodable record is added to them.
+        overwrite: when `out_dir/celeba`, `out_dir/general` or `out_dir/lsun` already exist and are not empty,
             remove them first; without it that is an error (stale files from a larger run
             would otherwise mix with the new ones).
 
     Returns:
         {"celeba_dir", "general_dir", "general_pattern" (a brace pattern for webdataset, None
         when general_shards == 0), "images" (decodable face images), "identities",
-        "general_samples", "corrupt"}.
+        "general_samples", "corrupt", "lsun_dir" (None when lsun_records == 0), "lsun_records",
+        "lsun_bad_records"}.
     """
     _check_int("identities", identities, 1, MAX_CELEBA_IDENTITY)
     _check_int("images_per_identity", images_per_identity, 1, None)
     _check_int("general_shards", general_shards, 0, 99_999)  # 9-digit keys
     _check_int("general_per_shard", general_per_shard, 1, _KEY_SAMPLES_PER_SHARD)
     _check_int("corrupt", corrupt, 0, None)
+    _check_int("lsun_records", lsun_records, 0, 1_000_000)
     _check_int("seed", seed, 0, None)
     if identities * images_per_identity + corrupt > 999_999:
         raise ValueError("at most 999,999 CelebA files fit CelebA's 6-digit file names")
 
     out = Path(out_dir)
-    celeba_dir, general_dir = out / "celeba", out / "general"
-    for folder in (celeba_dir, general_dir):
+    celeba_dir, general_dir, lsun_root = out / "celeba", out / "general", out / "lsun"
+    for folder in (celeba_dir, general_dir, lsun_root):
         if folder.exists() and any(folder.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{folder} is not empty; pass overwrite=True to replace it")
@@ -628,7 +696,13 @@ def write_demo_data(
         )
         last = f"{general_shards - 1:0{_SHARD_DIGITS}d}"
         pattern = f"{general_dir}/{{{'0' * _SHARD_DIGITS}..{last}}}.tar"
+    lsun_dir = lsun_root / "dog"
+    if lsun_records:
+        _write_lsun(lsun_dir, records=lsun_records, seed=seed)
     return {
+        "lsun_dir": str(lsun_dir) if lsun_records else None,
+        "lsun_records": lsun_records,
+        "lsun_bad_records": LSUN_BAD_RECORDS if lsun_records else 0,
         "celeba_dir": str(celeba_dir),
         "general_dir": str(general_dir) if general_shards else None,
         "general_pattern": pattern,

@@ -187,7 +187,7 @@ def plan_run(config: RunConfig) -> RunPlan:
                 plan.warnings.append(f"input {spec!r}: {shared} of its tar(s) are also in an earlier input; "
                                      "each is read once, as part of the earlier input")
         else:
-            planner = sources.plan_celeba if kind == "celeba" else sources.plan_folder
+            planner = {"celeba": sources.plan_celeba, "folder": sources.plan_folder, "lsun": sources.plan_lsun}[kind]
             items, letters, report = planner(location, namespaces[n])
             plan.ingest_dead.extend(letters)
             for item in items:

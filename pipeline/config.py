@@ -36,10 +36,11 @@ PRESET_STAGE_DEFAULTS = {
 
 # The identity model per source kind (general-domain wds inputs are never verified): real faces
 # in CelebA, dogs and objects in folder: sets; the tiny preset's demo faces are drawn, not real.
+# An LSUN record is its own object (identity = its key): nothing to verify.
 PRESET_IDENTITY = {
-    "paper": {"celeba": "face", "folder": "clip"},
-    "small": {"celeba": "face", "folder": "clip"},
-    "tiny": {"celeba": "clip", "folder": "clip"},
+    "paper": {"celeba": "face", "folder": "clip", "lsun": "none"},
+    "small": {"celeba": "face", "folder": "clip", "lsun": "none"},
+    "tiny": {"celeba": "clip", "folder": "clip", "lsun": "none"},
 }
 # The tiny preset's CLIP is random: its distances carry no identity, so by default it verifies
 # everyone (2.0 is the largest distance between unit vectors) and finds duplicates by pixels
@@ -96,7 +97,7 @@ class RunConfig:
     """Every option of `prep run`, with its one default (the CLI reads them from here)."""
 
     inputs: list[str] = option(panel=PANEL_IO,
-        help="celeba:DIR, folder:DIR, wds:PATTERN or wds:DIR (repeatable); NAME=KIND:LOC names an input (its "
+        help="celeba:DIR, folder:DIR, wds:PATTERN, wds:DIR or lsun:DIR (repeatable); NAME=KIND:LOC names an input (its "
         "keys start with NAME_)", flags=("--input", "-i"))
     out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
     preset: str = option(
@@ -215,7 +216,7 @@ class RunConfig:
     def validate(self) -> None:
         problems = []
         if not self.inputs:
-            problems.append("at least one --input is required (celeba:DIR, folder:DIR or wds:PATTERN)")
+            problems.append("at least one --input is required (celeba:DIR, folder:DIR, wds:PATTERN or lsun:DIR)")
         if not self.out:
             problems.append("--out is required")
         if self.preset not in PRESETS:

@@ -193,6 +193,8 @@ def check_input(spec: str) -> InputCheck:
         if check.kind == "wds":
             if not FileSystems.exists(location.rstrip("/")):  # a folder of tars, or a pattern
                 sources.plan_wds(location)
+        elif check.kind == "lsun":
+            sources.check_lsun_location(location)
         elif not FileSystems.exists(sources.normalize_root(location)):
             check.problem = f"{location} does not exist"
     except (OSError, ValueError) as exc:

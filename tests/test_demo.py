@@ -93,6 +93,9 @@ def test_return_value(demo):
         "identities": IDENTITIES,
         "general_samples": SHARDS * PER_SHARD,
         "corrupt": CORRUPT,
+        "lsun_dir": str(out / "lsun" / "dog"),
+        "lsun_records": 12,
+        "lsun_bad_records": 1,
     }
 
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_same_output
+
 from prep.pipeline.interrupts import MESSAGE, descendants
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ An input is named by a spec string, `[NAME=]KIND:LOCATION`:
   folder:DIR     DIR/<identity>/<image>, one subfolder per identity
   wds:PATTERN    WebDataset tars as img2dataset writes them (brace and glob patterns)
   wds:DIR        the *.tar files directly in DIR (the folder img2dataset wrote), sorted
+  lsun:DIR       an LSUN category folder holding data.mdb (an LMDB database; lsun.py)
 
 Every key an input produces starts with its namespace (`input_namespaces`): NAME when given
 (`laion=wds:/data/laion`), else its kind, numbered from the second unnamed input of a kind on
@@ -32,7 +33,12 @@ from prep.transforms.sources.celeba_files import (  # noqa: F401
     read_identity_file,
     read_partition_file,
 )
-from prep.transforms.sources.files import FOLDER_IMAGE_EXTS, find_annotation, normalize_root  # noqa: F401
+from prep.transforms.sources.files import (  # noqa: F401
+    FOLDER_IMAGE_EXTS,
+    find_annotation,
+    normalize_root,
+)
+from prep.transforms.sources.lsun import check_lsun_location, plan_lsun  # noqa: F401
 from prep.transforms.sources.planning import (  # noqa: F401
     SOURCE_KINDS,
     InputSpec,

@@ -39,7 +39,7 @@ from prep.transforms.sources.files import (
     normalize_root,
 )
 
-SOURCE_KINDS = ("celeba", "folder", "wds")
+SOURCE_KINDS = ("celeba", "folder", "wds", "lsun")
 
 # A name given to an input (`NAME=KIND:LOCATION`) is its keys' namespace: letters, digits and
 # '-', never '_' (the namespace is the text of a key before its first '_').

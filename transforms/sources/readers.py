@@ -12,8 +12,16 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from prep.schemas.contract import MAX_MEMBER_BYTES, iter_tar_members, split_member
-from prep.schemas.records import GENERAL, DeadLetter, DeadLetterKind, Sample, SourceItem, make_key
+from prep.schemas.records import (
+    GENERAL,
+    DeadLetter,
+    DeadLetterKind,
+    Sample,
+    SourceItem,
+    make_key,
+)
 from prep.transforms.common import counter, dead
+from prep.transforms.sources.lsun import read_record
 
 # Image members of a WebDataset sample, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -42,15 +50,22 @@ class ReadImageBytes(beam.DoFn):
 
     def process(self, item: SourceItem) -> Iterator[object]:
         try:
-            with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                data = f.read(self._max_bytes + 1)
+            if item.source == "lsun":  # a record of an LMDB database, by its key
+                data = read_record(item, self._max_bytes)
+                if data is None:
+                    raise KeyError(f"record {(item.origin or {}).get('key')!r} is not in the database (changed since planning?)")
+            else:
+                with FileSystems.open(item.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    data = f.read(self._max_bytes + 1)
         except Exception as exc:  # any filesystem error: the reason goes to the dead letter
             self._failed.inc()
             yield dead(DeadLetter.of(item, "read", DeadLetterKind.CANNOT_READ, f"cannot read file: {type(exc).__name__}: {exc}"))
             return
         if not data:
             self._empty.inc()
-            yield dead(DeadLetter.of(item, "read", DeadLetterKind.EMPTY_FILE, "empty file: 0 bytes"))
+            what = (f"empty file: record {(item.origin or {}).get('key')} has a 0-byte value" if item.source == "lsun"
+                    else "empty file: 0 bytes")
+            yield dead(DeadLetter.of(item, "read", DeadLetterKind.EMPTY_FILE, what))
             return
         if len(data) > self._max_bytes:
             self._too_large.inc()
