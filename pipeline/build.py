@@ -509,6 +509,12 @@ def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
         (pairs.ok, pairs[DEAD]) | "StreamedInputs" >> beam.Flatten() | "CountStreamed" >> beam.combiners.Count.Globally()
     )
     samples = (images.ok, pairs.ok) | "AllInputs" >> beam.Flatten()
+    if plan.config.exclude:  # takedowns: before any stage sees the sample
+        from prep.transforms.sources.exclude import ExcludeListed
+
+        kept = samples | "Exclude" >> beam.ParDo(ExcludeListed(plan.config.exclude)).with_outputs(DEAD, main="ok")
+        samples = kept.ok
+        letters.append(kept[DEAD])
     samples, duplicates = samples | "UniqueKeys" >> UniqueKeys()
     letters.append(duplicates)
     if resume.done_keys:

@@ -89,7 +89,7 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 
 
 # Fields added after resume digests were first recorded (see RunConfig.digest_json).
-DIGEST_ADDED = frozenset({"caption_on_bad"})
+DIGEST_ADDED = frozenset({"caption_on_bad", "exclude"})
 
 
 @dataclass
@@ -100,6 +100,10 @@ class RunConfig:
         help="celeba:DIR, folder:DIR, wds:PATTERN, wds:DIR or lsun:DIR (repeatable); NAME=KIND:LOC names an input (its "
         "keys start with NAME_)", flags=("--input", "-i"))
     out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
+    exclude: Optional[str] = option(
+        None, panel=PANEL_IO, metavar="FILE",
+        help="takedowns: a file of URLs, keys or sha256 values, one per line; matching inputs are dropped at "
+        "ingest as 'excluded' dead letters (docs/objects.md)")
     preset: str = option(
         "small", panel=PANEL_MODELS, help="models: paper (BLIP-2, ViT-L-14, u2net) or small (BLIP, ViT-B-32, u2netp) download weights "
         "on first use (network); tiny builds random ones locally (offline)")

@@ -202,6 +202,22 @@ def check_input(spec: str) -> InputCheck:
     return check
 
 
+def check_exclude(path: str) -> InputCheck:
+    """That the --exclude list reads (a takedown list that silently does not apply is the
+    worst outcome)."""
+    from prep.transforms.sources.exclude import read_exclude_list
+
+    check = InputCheck(f"--exclude {path}", kind="exclude")
+    try:
+        listed = read_exclude_list(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        check.problem = f"cannot read it ({type(exc).__name__}: {exc})"
+        return check
+    if not listed:
+        check.problem = "it lists nothing (one URL, key or sha256 per line)"
+    return check
+
+
 def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_problems: bool = True) -> Preflight:
     """Check the models, the inputs and the GPU memory plan; raise PreflightFailed listing
     every missing model and input (unless raise_on_problems=False: the dry run shows them).
@@ -217,6 +233,8 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
 
     report = Preflight(offline=hf_offline(), remote=not is_local(PipelineOptions(list(beam_args))))
     report.inputs = [check_input(spec) for spec in config.inputs]
+    if config.exclude:
+        report.inputs.append(check_exclude(config.exclude))
     report.models = needed_models(config)
     targets = sorted({(m.host, m.port) for m in report.models if not m.local and m.problem is None and m.host})
     if targets and not report.offline and not report.remote:  # probed at once: one timeout, not one per host

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
@@ -105,6 +106,9 @@ def run_digest(config: "RunConfig", items: list, wds_urls: list[str], fingerprin
         "wds": sorted(wds_urls),
         "models": {stage: (f or {}).get("sha256") or (f or {}).get("id") for stage, f in sorted(fingerprints.items())},
     }
+    if config.exclude:  # the list's content decides what is written, not only its name
+        with FileSystems.open(config.exclude, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            payload["exclude_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 

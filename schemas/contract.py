@@ -38,6 +38,9 @@ field below is written by this version, null / [] where it does not apply):
                         or {"input": n, "tar": tar path relative to the pattern's folder,
                         "member": the key inside the tar}; n indexes the manifest's
                         config.inputs (relative paths: shards do not change when data moves)
+  "source_meta"         (present where the source has it) the source's own per-sample metadata,
+                        verbatim: img2dataset's KEY.json (url, sha256, exif, ...), LSUN's key;
+                        at most SOURCE_META_MAX_BYTES (the largest fields dropped, named in "_dropped")
   KEY.face.npy          optional member (above)
   manifest "beam_options"  the Beam pipeline options given to `prep run`, as given (values of
                         credential options such as --s3_secret_access_key "<redacted>");
@@ -153,7 +156,14 @@ JSON_IDENTITY_FIELDS = (
 # labels (transforms/caption_labels.py): [{"attribute", "label", "words"}].
 JSON_CAPTION_FIELDS = ("caption_flags", "caption_contradictions")
 CAPTION_FLAGS = ("empty", "repetition loop", "echo", "refusal", "cut at the token limit")
-JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS)
+# `source_meta`: present only where the source has per-sample metadata of its own: img2dataset's
+# KEY.json verbatim (url, sha256, original_width, exif, ...), LSUN's {"key"}. Capped at
+# SOURCE_META_MAX_BYTES of JSON: over it, the largest fields are left out, largest first, and
+# their names listed under SOURCE_META_DROPPED.
+JSON_SOURCE_FIELDS = ("source_meta",)
+SOURCE_META_MAX_BYTES = 16 * 1024
+SOURCE_META_DROPPED = "_dropped"
+JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS, *JSON_SOURCE_FIELDS)
 # identity_status values (transforms/verify.py decides them).
 VERIFIED, OUTLIER, UNVERIFIED, SINGLE = "verified", "outlier", "unverified", "single"
 IDENTITY_STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)  # v1 additions: checked when present

@@ -52,7 +52,7 @@ class SourceItem:
     """One input found by a source, before its bytes are read: small and cheap to shuffle."""
 
     key: str
-    source: str  # "celeba", "folder" or "wds"
+    source: str  # "celeba", "folder", "wds" or "lsun"
     domain: str  # SPECIFIC or GENERAL
     path: str  # file path or URL (for wds: the tar URL)
     identity: Optional[str] = None
@@ -73,6 +73,7 @@ class Sample:
     attributes: Optional[dict[str, bool]] = None
     split: Optional[str] = None
     origin: Optional[dict] = None  # lineage (SourceItem.origin; wds: set by the tar reader)
+    source_meta: Optional[dict] = None  # the source's own per-sample metadata (wds: KEY.json; lsun: the key)
     # Encoded input as read (dropped after decode), then the validated RGB JPEG for the shard.
     raw: Optional[bytes] = None
     image_jpeg: Optional[bytes] = None
@@ -168,6 +169,8 @@ class DeadLetterKind(str, Enum):
     NO_FACE = "no face found"
     IDENTITY_OUTLIER = "identity outlier"
     EXACT_DUPLICATE = "exact duplicate"
+    # --exclude (transforms/sources/exclude.py): a takedown or opt-out list named the input.
+    EXCLUDED = "excluded"
     # A letter written before kinds existed whose reason names none of the above.
     UNKNOWN = "unknown"
 

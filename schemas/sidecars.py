@@ -35,5 +35,6 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("near_duplicates", pa.list_(pa.string()), nullable=False),
         pa.field("faces", pa.int32()),
         pa.field("face_fraction", pa.float64()),
+        pa.field("url", pa.string()),  # source_meta's url (img2dataset's KEY.json), else null
     ]
 )

@@ -72,6 +72,8 @@ def sample_json(sample: Sample) -> dict:
         meta["caption_flags"] = list(sample.caption_flags)
     if sample.caption_contradictions:  # only where VLM words contradict the labels
         meta["caption_contradictions"] = [dict(c) for c in sample.caption_contradictions]
+    if sample.source_meta is not None:  # only where the source has its own metadata
+        meta["source_meta"] = sample.source_meta
     return meta
 
 
@@ -157,6 +159,7 @@ class ShardRow:
     face_fraction: Optional[float] = None
     caption_flags: tuple[str, ...] = ()
     contradicted: tuple[str, ...] = ()  # attributes the caption contradicts
+    url: Optional[str] = None  # source_meta's url (img2dataset), for takedowns by URL
 
     @property
     def caption_words(self) -> int:
@@ -195,7 +198,13 @@ class ShardRow:
             face_fraction=meta["face_fraction"],
             caption_flags=tuple(meta.get("caption_flags") or ()),
             contradicted=tuple(c["attribute"] for c in meta.get("caption_contradictions") or ()),
+            url=source_url(meta.get("source_meta")),
         )
+
+
+def source_url(source_meta) -> Optional[str]:
+    url = source_meta.get("url") if isinstance(source_meta, dict) else None
+    return url if isinstance(url, str) else None
 
 
 # Each PARQUET_SCHEMA column is the ShardRow attribute of that name, except these.

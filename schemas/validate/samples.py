@@ -178,6 +178,8 @@ class _SampleChecks:
                     for c in meta["caption_contradictions"])
         ):
             field_problem("caption_contradictions", "a non-empty list of {attribute, label, words}")
+        if "source_meta" in meta and not isinstance(meta["source_meta"], dict):
+            field_problem("source_meta", "an object (the source's own metadata)")
         if "schema_version" in meta and not (
             _is_int(meta["schema_version"]) and meta["schema_version"] == SCHEMA_VERSION
         ):

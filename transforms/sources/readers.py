@@ -3,6 +3,7 @@ WebDataset tars (`ReadWdsShard`) into `Sample`s or dead letters."""
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -11,7 +12,13 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from prep.schemas.contract import MAX_MEMBER_BYTES, iter_tar_members, split_member
+from prep.schemas.contract import (
+    MAX_MEMBER_BYTES,
+    SOURCE_META_DROPPED,
+    SOURCE_META_MAX_BYTES,
+    iter_tar_members,
+    split_member,
+)
 from prep.schemas.records import (
     GENERAL,
     DeadLetter,
@@ -26,7 +33,37 @@ from prep.transforms.sources.lsun import read_record
 # Image members of a WebDataset sample, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 WDS_TEXT_EXT = "txt"
-WDS_JSON_EXT = "json"  # kept with the sample (counted in "members read"), not parsed: nothing uses it
+WDS_JSON_EXT = "json"  # img2dataset's per-sample metadata: kept verbatim as the sample's source_meta
+
+
+def capped_source_meta(meta: dict, limit: int = SOURCE_META_MAX_BYTES) -> dict:
+    """`meta` as it came when its JSON fits in `limit` bytes; else without its largest fields
+    (largest first, ties by name) until it fits, their names listed under "_dropped". A url,
+    sha256 or key is never what gets dropped while a bigger field (exif) is there."""
+    def size(value) -> int:
+        return len(json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+    if size(meta) <= limit:
+        return meta
+    kept = dict(meta)
+    dropped: list[str] = []
+    for name in sorted(meta, key=lambda n: (-size({n: meta[n]}), n)):
+        if size({**kept, SOURCE_META_DROPPED: dropped}) <= limit:
+            break
+        kept.pop(name)
+        dropped.append(name)
+    kept[SOURCE_META_DROPPED] = sorted(dropped)
+    return kept
+
+
+def parse_source_meta(raw: bytes) -> Optional[dict]:
+    """A KEY.json member as an object, capped (None when it is not a JSON object: the image
+    is still good, so the sample is kept, and counted)."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return capped_source_meta(meta) if isinstance(meta, dict) else None
 
 
 # --------------------------------------------------------------------------------------
@@ -72,7 +109,10 @@ class ReadImageBytes(beam.DoFn):
             yield dead(DeadLetter.of(item, "read", DeadLetterKind.FILE_TOO_LARGE, f"file too large: more than {self._max_bytes} bytes"))
             return
         self._ok.inc()
-        yield Sample.from_item(item, raw=data)
+        if item.source == "lsun":  # the record's key is all the metadata LSUN has
+            yield Sample.from_item(item, raw=data, source_meta={"key": item.origin["key"]})
+        else:
+            yield Sample.from_item(item, raw=data)
 
 
 @dataclass
@@ -126,6 +166,7 @@ class ReadWdsShard(beam.DoFn):
         self._no_image = counter("read_wds", "no_image")
         self._duplicates = counter("read_wds", "duplicate")
         self._bad_text = counter("read_wds", "bad_text")
+        self._bad_json = counter("read_wds", "bad_json")
         self._incomplete = counter("read_wds", "incomplete")
         self._tar_errors = counter("read_wds", "tar_error")
         self._tars = counter("read_wds", "tars")
@@ -221,6 +262,11 @@ class ReadWdsShard(beam.DoFn):
                 decoded = raw_text.decode("utf-8", errors="replace")
             text = decoded.strip() or None
 
+        source_meta = None
+        if WDS_JSON_EXT in sample.members:
+            source_meta = parse_source_meta(sample.members[WDS_JSON_EXT])
+            if source_meta is None:
+                self._bad_json.inc()
         self._samples.inc()
         yield Sample(
             key=key,
@@ -230,4 +276,5 @@ class ReadWdsShard(beam.DoFn):
             raw=image,
             text=text,
             origin={**self._origins.get(url, {"tar": url}), "member": sample.key},
+            source_meta=source_meta,
         )
