@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +20,7 @@ import apache_beam as beam
 
 import prep
 from prep.atomic import write_atomic
-from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models
+from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models, singleton_refs_modes
 from prep.pipeline.fingerprint import (
     fingerprint_caption,
     fingerprint_clip,
@@ -57,11 +58,13 @@ from prep.transforms.mask import MaskHandler
 from prep.transforms.pair import (
     IdentityTotals,
     PairByIdentity,
+    Refs,
     is_outlier,
     mode_of,
     null_refs,
     outlier_letter,
 )
+from prep.transforms.views import MakeViews, is_view_key, view_entry, with_views
 from prep.transforms.write import WriteShards
 
 
@@ -331,6 +334,40 @@ class _FinishGeneral(beam.DoFn):
         yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)
 
 
+def view_maker(plan: RunPlan) -> Optional[MakeViews]:
+    """The views DoFn when some input kind's singletons get augmented refs, else None (the
+    graph is then what it always was)."""
+    modes = singleton_refs_modes(plan.config)
+    every = frozenset(kind for kind, mode in modes.items() if mode == "augment" and kind == "lsun")
+    counted = Counter((i.source, i.identity) for i in plan.items
+                      if modes.get(i.source) == "augment" and i.source not in every)
+    singles = frozenset(i.key for i in plan.items if i.source not in every and counted.get((i.source, i.identity)) == 1)
+    if not every and not singles:
+        return None
+    return MakeViews(plan.config.singleton_refs_k, plan.config.seed, every, singles)
+
+
+def _view_or_not(sample: Sample, _n: int) -> int:
+    return 1 if sample.view_of is not None else 0
+
+
+class _DropViewLetters(beam.DoFn):
+    """A view that fails a stage is not an input: counted, never a dead letter."""
+
+    def __init__(self, stage: str):
+        self._failed = counter("views", f"failed_{stage.lower()}")
+
+    def process(self, letter):
+        if is_view_key(letter.key):
+            self._failed.inc()
+        else:
+            yield letter
+
+
+def _not_views(letters, stage: str):
+    return letters | f"{stage}NotViews" >> beam.ParDo(_DropViewLetters(stage))
+
+
 def _by_domain(sample: Sample, _n: int) -> int:
     return 0 if sample.domain == SPECIFIC else 1
 
@@ -396,11 +433,19 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         specific = captioned
     specific = specific | "AttributeCaption" >> beam.Map(add_attribute_caption, sep=cfg.caption_join)
 
+    # Singletons (an LSUN record, a one-photo identity) get augmented views of their own
+    # image, masked and embedded with the others; they leave before the identity step.
+    views = view_maker(plan)
+    if views is not None:
+        specific = specific | "SingletonViews" >> beam.ParDo(views)
+
     # Mask -> embed the masked object -> pair with same-identity samples.
     specific, failed = specific | "Mask" >> ModelStage(plan.mask)
-    letters.append(failed)
+    letters.append(_not_views(failed, "Mask") if views is not None else failed)
     specific, failed = specific | "Embed" >> ModelStage(plan.embed)
-    letters.append(failed)
+    letters.append(_not_views(failed, "Embed") if views is not None else failed)
+    if views is not None:
+        specific, embedded_views = specific | "SplitViews" >> beam.Partition(_view_or_not, 2)
 
     # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
     specific = _identity_stages(plan, specific, letters)
@@ -421,6 +466,12 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         specific, dropped = specific | "DropOutliers" >> DropListed(outliers, "outliers")
         letters.append(dropped)
         refs = refs | "KeepVerdicts" >> beam.Filter(_not_outlier)
+
+    if views is not None:  # identity refs where pairing found any, else the views'
+        view_refs = embedded_views | "ViewEntries" >> beam.Map(view_entry).with_output_types(tuple[str, tuple])
+        keyed = refs | "TypeRefs" >> beam.Map(lambda entry: entry).with_output_types(tuple[str, Refs])
+        refs = ({"refs": keyed, "views": view_refs} | "JoinViews" >> beam.CoGroupByKey()
+                | "RefsOrViews" >> beam.FlatMap(with_views, refs_cls=Refs).with_output_types(tuple[str, Refs]))
 
     general = general | "FinishGeneral" >> beam.ParDo(_FinishGeneral(plan.dim)).with_outputs(DEAD, main="ok")
     letters.append(general[DEAD])

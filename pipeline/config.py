@@ -89,7 +89,11 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 
 
 # Fields added after resume digests were first recorded (see RunConfig.digest_json).
-DIGEST_ADDED = frozenset({"caption_on_bad", "exclude"})
+DIGEST_ADDED = frozenset({"caption_on_bad", "exclude", "singleton_refs", "singleton_refs_k"})
+SINGLETON_REFS = ("none", "augment")
+# Refs for objects without a second photo (transforms/views.py), per input kind, unless
+# --singleton-refs says otherwise for all: an LSUN record is always alone.
+SINGLETON_REFS_DEFAULT = {"lsun": "augment"}
 
 
 @dataclass
@@ -165,6 +169,11 @@ class RunConfig:
         False, panel=PANEL_IDENTITY, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
     ref_strategy: str = option(
         "random", panel=PANEL_IDENTITY, help="random (seeded, the paper's) or diverse (farthest-first)")
+    singleton_refs: Optional[str] = option(
+        None, panel=PANEL_IDENTITY, metavar="none|augment",
+        help="refs for objects without a second photo: augment gives them K augmented views of their own image "
+        "(masked and embedded; ref_kinds 'augmented'); default augment for lsun:, none for the other kinds")
+    singleton_refs_k: int = option(2, panel=PANEL_IDENTITY, help="augmented views per singleton (--singleton-refs augment)")
     # Execution. The padded stages' batch sizes and the device change what is written (a
     # model's output for one element depends on the batch it is run in): they are digested.
     device: str = option("auto", panel=PANEL_RUNNER, help="auto, cpu or cuda[:N]")
@@ -225,6 +234,10 @@ class RunConfig:
             problems.append("--out is required")
         if self.preset not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.singleton_refs is not None and self.singleton_refs not in SINGLETON_REFS:
+            problems.append(f"--singleton-refs must be one of {', '.join(SINGLETON_REFS)}, not {self.singleton_refs!r}")
+        if not 1 <= self.singleton_refs_k <= 16:
+            problems.append("--singleton-refs-k must be in 1..16")
         if self.samples_per_shard < 1:
             problems.append("--samples-per-shard must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -317,6 +330,14 @@ def model_names(config: RunConfig) -> dict[str, Optional[str]]:
         "clip_pretrained": clip_pretrained or None,
         "mask_model": _expand(config.mask_model) or preset["mask_model"],
     }
+
+
+def singleton_refs_modes(config: RunConfig) -> dict[str, str]:
+    """Source kind -> "augment" | "none": whether its singletons get augmented views as refs."""
+    from prep.transforms.sources import SOURCE_KINDS
+
+    return {kind: config.singleton_refs or SINGLETON_REFS_DEFAULT.get(kind, "none") for kind in SOURCE_KINDS
+            if kind != "wds"}
 
 
 def identity_models(config: RunConfig) -> dict[str, str]:

@@ -425,13 +425,20 @@ def stage_rows(manifest: dict) -> list[tuple[str, Optional[int], Optional[int], 
     kept = counters.get("resume.skipped", 0)
     if kept:
         rows.append(("kept (resume)", kept, kept, 0))
+    # Augmented views (--singleton-refs) pass mask and embed too; they are not inputs: their
+    # own row, out of those stages' counts.
+    views = counters.get("views.made", 0)
+    not_inputs = {"mask": views, "embed": views - counters.get("views.failed_mask", 0)}
     for stage in ("decode", "caption", "mask", "embed", "identity"):
-        entered = counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0)
+        entered = counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0) - not_inputs.get(stage, 0)
         d = dead.pop(stage, 0)
         if counters and entered:
             rows.append((stage, entered, entered - d, d))
         elif d:
             rows.append((stage, None, None, d))
+        if stage == "embed" and views:
+            failed = counters.get("views.failed_mask", 0) + counters.get("views.failed_embed", 0)
+            rows.append(("views (refs)", views, views - failed, 0))
     written = counts["specific"] + counts["general"]
     for stage, d in sorted(dead.items()):  # any other stage that dead-letters (write, ...)
         if stage != "write":

@@ -91,7 +91,8 @@ def inspect_output(
     chosen.sort(key=lambda k: (rank.get(index.entries[k].domain, 9), index.entries[k].identity or "", k))
     needed = set(chosen) | {r for k in chosen for r in index.entries[k].ref_keys}
     fetched = fetch_samples(index, needed)
-    triplets = [_triplet(k, index, fetched, problems) for k in chosen]
+    run_seed = int(((manifest or {}).get("config") or {}).get("seed") or 0)
+    triplets = [_triplet(k, index, fetched, problems, run_seed) for k in chosen]
     problems = index.problems + problems
 
     counts = dict((manifest or {}).get("counts") or {})
@@ -401,10 +402,11 @@ def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems:
     return html, found
 
 
-def _triplet(key: str, index: OutputIndex, fetched: dict[str, dict], problems: list[str]) -> Triplet:
+def _triplet(key: str, index: OutputIndex, fetched: dict[str, dict], problems: list[str], run_seed: int = 0) -> Triplet:
     from prep.transforms.mask import (
         masked_image,  # the embed stage's own x ⊗ m (imports torch: lazily)
     )
+    from prep.transforms.views import is_view_key, parent_of, view_jpeg
 
     entry = index.entries[key]
     shard = index.shards[entry.shard].rel
@@ -430,6 +432,15 @@ def _triplet(key: str, index: OutputIndex, fetched: dict[str, dict], problems: l
     for ref in entry.ref_keys:
         ref_sample = fetched.get(ref)
         uri = None
+        if is_view_key(ref) and contract.EXT_IMAGE in sample:  # an augmented view: drawn again, as the run drew it
+            parent, j = parent_of(ref)
+            try:
+                view = view_jpeg(sample[contract.EXT_IMAGE], run_seed, parent, j)
+                uri = _uri(_open_image(view).convert("RGB"), REF_SIDE)
+            except Exception as e:  # as below
+                problems.append(f"{ref}: the augmented view cannot be drawn ({type(e).__name__}: {e})")
+            refs.append(Ref(key=ref, image=uri, kind="augmented"))
+            continue
         if ref_sample is not None and contract.EXT_IMAGE in ref_sample:
             try:
                 uri = _uri(_open_image(ref_sample[contract.EXT_IMAGE]).convert("RGB"), REF_SIDE)

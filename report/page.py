@@ -117,6 +117,7 @@ _SCRIPT = """
 class Ref:
     key: str
     image: Optional[str]  # data: URI, None when the sample was not found
+    kind: str = "identity"  # or "augmented": a view of the sample itself (--singleton-refs), drawn again
 
 
 @dataclass
@@ -316,7 +317,9 @@ def _triplet(t: Triplet) -> str:
         parts.append(f'attributes: <span class="{CAP_ATTR}">{escape(t.caption_attributes)}</span>')
     if t.refs:
         refs = "".join(
-            f"<figure>{_img(r.image, r.key, 'not found')}<figcaption>{escape(r.key)}</figcaption></figure>"
+            f"<figure>{_img(r.image, r.key, 'not found')}<figcaption>"
+            f"{escape(r.key if r.kind != 'augmented' else 'augmented view ' + r.key.rsplit('#aug', 1)[-1])}"
+            f"</figcaption></figure>"
             for r in t.refs
         )
     else:

@@ -41,6 +41,9 @@ field below is written by this version, null / [] where it does not apply):
   "source_meta"         (present where the source has it) the source's own per-sample metadata,
                         verbatim: img2dataset's KEY.json (url, sha256, exif, ...), LSUN's key;
                         at most SOURCE_META_MAX_BYTES (the largest fields dropped, named in "_dropped")
+  "ref_kinds"           one per ref_keys[i]: "identity" (another photo of the identity) or
+                        "augmented" (a view of the sample's own image, key "<key>#aug<j>",
+                        --singleton-refs; transforms/views.py); absent in older outputs: all identity
   KEY.face.npy          optional member (above)
   manifest "beam_options"  the Beam pipeline options given to `prep run`, as given (values of
                         credential options such as --s3_secret_access_key "<redacted>");
@@ -163,7 +166,11 @@ CAPTION_FLAGS = ("empty", "repetition loop", "echo", "refusal", "cut at the toke
 JSON_SOURCE_FIELDS = ("source_meta",)
 SOURCE_META_MAX_BYTES = 16 * 1024
 SOURCE_META_DROPPED = "_dropped"
-JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS, *JSON_SOURCE_FIELDS)
+# `ref_kinds`: one per ref_keys[i]: "identity" (another photo of the identity) or "augmented"
+# (an augmented view of the sample's own image, ref key "<key>#aug<j>": transforms/views.py).
+REF_KINDS = ("identity", "augmented")
+JSON_REF_FIELDS = ("ref_kinds",)
+JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS, *JSON_SOURCE_FIELDS, *JSON_REF_FIELDS)
 # identity_status values (transforms/verify.py decides them).
 VERIFIED, OUTLIER, UNVERIFIED, SINGLE = "verified", "outlier", "unverified", "single"
 IDENTITY_STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)  # v1 additions: checked when present

@@ -33,6 +33,9 @@ def identity_problems(meta: dict, same_threshold: Optional[float] = None) -> lis
     if status is not None and status not in IDENTITY_STATUSES:
         problems.append(f"identity_status {status!r} is not one of {IDENTITY_STATUSES}")
     refs = meta.get("ref_keys") or []
+    kinds = meta.get("ref_kinds")
+    if isinstance(kinds, list) and len(kinds) == len(refs):  # augmented views are not identity evidence
+        refs = [r for r, kind in zip(refs, kinds) if kind != "augmented"]
     distances = meta.get("ref_distances") or []
     if status is not None:
         if len(distances) != len(refs):

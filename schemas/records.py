@@ -96,6 +96,8 @@ class Sample:
     faces: Optional[tuple] = None  # tuple[transforms.faces.Face, ...]
     ref_keys: tuple[str, ...] = ()
     refs: Optional[np.ndarray] = None  # float32 [K, D]
+    ref_kinds: tuple[str, ...] = ()  # per ref: "identity" or "augmented" (transforms/views.py); () = all identity
+    view_of: Optional[str] = None  # an augmented view of that sample (transforms/views.py), never written
     verdict: Optional[object] = None  # transforms.verify.Verdict, attached with the refs
 
     def with_(self, **changes) -> "Sample":

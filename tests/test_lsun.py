@@ -138,7 +138,9 @@ def test_records_decode_and_bad_records_are_dead_letters_naming_their_key(lsun_r
         meta = samples[f"lsun_{sha(i).decode()}"]
         assert (meta["width"], meta["height"]) == (96 + 8 * i, 80), fmt
         assert meta["origin"] == {"input": 0, "key": sha(i).decode()}
-        assert meta["identity"] == sha(i).decode() and meta["ref_keys"] == []  # its own object: no second photo
+        assert meta["identity"] == sha(i).decode()  # its own object: no second photo, so its refs are
+        key = f"lsun_{sha(i).decode()}"           # two augmented views of itself (the default for lsun:)
+        assert meta["ref_keys"] == [f"{key}#aug0", f"{key}#aug1"] and meta["ref_kinds"] == ["augmented"] * 2
     assert validate_output(str(out)).ok
 
 

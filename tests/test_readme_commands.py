@@ -45,6 +45,10 @@ def test_quick_start_demo_run_as_written(tmp_path):
     proc = run_readme(after_install, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK: contract v1" in proc.stdout and "random weights:" in proc.stdout
+    [lsun] = bash_blocks("Inputs")  # the demo's LSUN-layout database, as the Inputs section runs it
+    proc = run_readme(lsun, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "out-dog: OK: contract v1, 12 specific, 0 general, 1 dead-lettered" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")

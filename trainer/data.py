@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import logging
 import os
 import random
@@ -50,6 +51,7 @@ from prep.schemas import contract
 from prep.schemas.contract import (
     EXT_EMB,
     EXT_IMAGE,
+    EXT_JSON,
     EXT_REFS,
     EXT_TEXT,
     REQUIRED,
@@ -60,6 +62,10 @@ log = logging.getLogger(__name__)
 
 SPECIFIC, GENERAL = contract.SPECIFIC, contract.GENERAL
 _DOMAIN_TAG = {SPECIFIC: 0, GENERAL: 1}
+IDENTITY_REF = contract.REF_KINDS[0]  # "identity": another photo; "augmented": a view of the sample itself
+# swap_refs: "all" rows of refs.npy may be swapped in (the paper's ω, with augmented views
+# standing in where an object has no second photo), or only "identity" rows.
+SWAP_REFS = ("all", "identity")
 # Stream tags: independent random streams derived from one seed.
 _TAG_SHARD_ORDER, _TAG_SHUFFLE, _TAG_MIX, _TAG_AUGMENT = 1, 2, 3, 4
 
@@ -106,6 +112,7 @@ class Triplet:
     specific: bool
     swapped: bool  # o was replaced by a same-identity reference
     ref_index: int  # the refs row used, -1 when not swapped
+    swap_kind: str  # that row's kind ("identity" / "augmented"), "" when not swapped
     text_dropped: bool
     object_dropped: bool
     slot: int  # which (rank, worker) sub-stream produced it
@@ -122,6 +129,7 @@ def collate(samples: list[Triplet]) -> dict[str, Any]:
         "specific": torch.tensor([s.specific for s in samples]),
         "swapped": torch.tensor([s.swapped for s in samples]),
         "ref_index": torch.tensor([s.ref_index for s in samples]),
+        "swap_augmented": torch.tensor([s.swap_kind == "augmented" for s in samples]),
         "text_dropped": torch.tensor([s.text_dropped for s in samples]),
         "object_dropped": torch.tensor([s.object_dropped for s in samples]),
         "slot": torch.tensor([s.slot for s in samples]),
@@ -159,8 +167,12 @@ class TripletStream(torch.utils.data.IterableDataset):
         epochs: Optional[int] = None,
         shuffle_buffer: int = 256,
         start_batch: int = 0,
+        swap_refs: str = "all",
     ):
         super().__init__()
+        if swap_refs not in SWAP_REFS:
+            raise ValueError(f"swap_refs must be one of {SWAP_REFS}, got {swap_refs!r}")
+        self.swap_refs = swap_refs
         for name, p in (("ratio", ratio), ("omega", omega), ("text_drop", text_drop), ("object_drop", object_drop)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -252,18 +264,37 @@ class TripletStream(torch.utils.data.IterableDataset):
             obj = np.zeros((dim,), np.float32)  # φ
         elif u_object < self.object_drop:
             obj, object_dropped = np.zeros((dim,), np.float32), True
-        elif len(refs) > 0 and u_swap < self.omega:
-            ref_index = int(u_row * len(refs))
+        elif len(refs) > 0 and u_swap < self.omega and (rows := self._swappable(raw, len(refs), where)):
+            ref_index = rows[int(u_row * len(rows))]
             obj, swapped = refs[ref_index].copy(), True
         else:
             obj = emb
         text_dropped = bool(u_text < self.text_drop)
         text = "" if text_dropped else raw[EXT_TEXT].decode("utf-8")
+        kinds = self._kinds(raw, len(refs), where) if swapped else []
         return Triplet(
             key=key, image=image_tensor(raw[EXT_IMAGE], self.image_size), text=text, object=obj,
-            specific=specific, swapped=swapped, ref_index=ref_index, text_dropped=text_dropped,
+            specific=specific, swapped=swapped, ref_index=ref_index, swap_kind=kinds[ref_index] if swapped else "",
+            text_dropped=text_dropped,
             object_dropped=object_dropped, slot=slot, index=index,
         )
+
+    @staticmethod
+    def _kinds(raw: dict, n: int, where: str) -> list[str]:
+        """Each refs row's kind, from KEY.json's ref_kinds (absent: outputs from before
+        augmented refs, all identity)."""
+        kinds = json.loads(raw[EXT_JSON]).get("ref_kinds") if EXT_JSON in raw else None
+        if kinds is None:
+            return [IDENTITY_REF] * n
+        if not isinstance(kinds, list) or len(kinds) != n:
+            raise ValueError(f"{where}: ref_kinds {kinds!r} does not give one kind per refs row ({n})")
+        return kinds
+
+    def _swappable(self, raw: dict, n: int, where: str) -> list[int]:
+        """The refs rows ω may swap in: all, or (swap_refs="identity") only other photos."""
+        if self.swap_refs == "all":
+            return list(range(n))
+        return [i for i, kind in enumerate(self._kinds(raw, n, where)) if kind == IDENTITY_REF]
 
     # -- batches, split over ranks and workers ---------------------------------------------
 

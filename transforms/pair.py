@@ -142,6 +142,7 @@ class Refs:
     split: Optional[str] = None
     verdict: Optional[Verdict] = None
     outlier_reason: Optional[str] = None  # set for outliers (--identity-outliers drop dead-letters them)
+    ref_kinds: tuple[str, ...] = ()  # () = every ref is another photo of the identity; else per ref (views.py)
 
 
 @dataclass(frozen=True)
@@ -611,7 +612,7 @@ class PairByIdentity(beam.PTransform):
 
 
 def attach_refs(sample: Sample, refs: Refs) -> Sample:
-    return sample.with_(ref_keys=refs.ref_keys, refs=refs.refs, verdict=refs.verdict)
+    return sample.with_(ref_keys=refs.ref_keys, refs=refs.refs, verdict=refs.verdict, ref_kinds=refs.ref_kinds)
 
 
 def null_refs(sample: Sample, dim: int) -> Sample:

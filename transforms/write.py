@@ -46,6 +46,7 @@ from prep.schemas.sidecars import PARQUET_SCHEMA
 from prep.transforms.common import counter, fault_point
 from prep.transforms.identity import face_embedding, identity_json
 from prep.transforms.pair import Refs, attach_refs
+from prep.transforms.views import ref_kinds_of
 
 STAGE = "write"
 
@@ -67,6 +68,7 @@ def sample_json(sample: Sample) -> dict:
         for name in contract.JSON_FIELDS
     }
     meta["origin"] = dict(sample.origin) if sample.origin else None
+    meta["ref_kinds"] = ref_kinds_of(sample.ref_keys, sample.ref_kinds)
     meta.update(identity_json(sample))
     if sample.caption_flags:  # only on a flagged caption that was kept (--caption-on-bad keep)
         meta["caption_flags"] = list(sample.caption_flags)

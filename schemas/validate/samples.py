@@ -20,6 +20,7 @@ from prep.schemas.contract import (
     JSON_ADDED_FIELDS,
     JSON_FIELDS,
     OPTIONAL,
+    REF_KINDS,
     REQUIRED,
     SCHEMA_VERSION,
     load_npy,
@@ -96,6 +97,14 @@ class _SampleChecks:
             digest = _emb_digest(emb) if emb is not None and emb.dtype == np.float32 else None
             status = meta.get("identity_status") if meta is not None else None
             self.specific[key] = _KeyInfo(identity=identity, emb_digest=digest, identity_status=status)
+        kinds = meta.get("ref_kinds") if meta is not None else None
+        if ref_keys and isinstance(kinds, list) and len(kinds) == len(ref_keys):
+            # Augmented refs are views of this sample (checked with its JSON), not other samples:
+            # only the identity refs are resolved; the rows' digests follow the same selection.
+            keep = [i for i, kind in enumerate(kinds) if kind != "augmented"]
+            if rows is not None and len(keep) != len(ref_keys):
+                rows = b"".join(rows[i * _DIGEST_SIZE:(i + 1) * _DIGEST_SIZE] for i in keep)
+            ref_keys = [ref_keys[i] for i in keep]
         if ref_keys:
             self.pending_refs.append(
                 _PendingRefs(
@@ -219,6 +228,15 @@ class _SampleChecks:
             isinstance(meta["ref_keys"], list) and all(isinstance(r, str) for r in meta["ref_keys"])
         ):
             field_problem("ref_keys", "a list of strings")
+        elif "ref_kinds" in meta and not (
+            isinstance(meta["ref_kinds"], list) and len(meta["ref_kinds"]) == len(meta.get("ref_keys") or [])
+            and all(k in REF_KINDS for k in meta["ref_kinds"])
+        ):
+            field_problem("ref_kinds", f"one of {', '.join(REF_KINDS)} per ref_keys entry")
+        elif "ref_kinds" in meta and any(
+            (kind == "augmented") != ref.startswith(f"{key}#aug") for ref, kind in zip(meta["ref_keys"], meta["ref_kinds"])
+        ):
+            field_problem("ref_keys", f"augmented refs named {key}#aug<j> and only those (ref_kinds {meta['ref_kinds']})")
         elif domain == SPECIFIC and meta.get("identity_model") is not None:
             threshold = self.identity_thresholds.get(meta["identity_model"])
             for message in identity_problems(meta, threshold):
