@@ -166,7 +166,6 @@ def test_a_chunk_worker_keeps_its_models_for_its_whole_life(monkeypatch):
     garbage collection (a generator context entered and dropped would have switched it off)."""
     import gc
 
-    from prep.pipeline import chunks
     from prep.transforms import inference
 
     monkeypatch.setattr(inference, "_kept", None)

@@ -3,7 +3,6 @@ ONNX face path on a tiny ArcFace-shaped model built here. Skips cleanly without 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@ results in the same order, byte-identical shards, and a failing prepare costs on
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pickle
