@@ -224,6 +224,36 @@ def diff_cmd(
         raise typer.Exit(1)
 
 
+attributes_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                              help="f_a as a network: an attribute probe on the stored embeddings (docs/attributes.md)")
+app.add_typer(attributes_app, name="attributes")
+
+
+@attributes_app.command("fit")
+def attributes_fit_cmd(
+    out: str = typer.Argument(..., metavar="OUT", help="an output of prep run with attribute labels (CelebA)"),
+    save: str = typer.Option(..., "--save", metavar="PROBE", help="folder to write the probe to"),
+    attributes: Optional[str] = typer.Option(None, help="only these attributes, comma-separated (default: all labelled)"),
+    min_count: Optional[int] = typer.Option(None, min=1, help="positives and negatives an attribute needs in each split"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Fit one probe per attribute on OUT's train split, choose thresholds and measure on its
+    val split (other identities), and on its test split when there is one; save it to PROBE."""
+    _setup_logging(False)
+    from prep.models import attribute_probe
+
+    kwargs = {"min_count": min_count} if min_count is not None else {}
+    try:
+        probe = attribute_probe.fit_output(out, attributes=attributes.split(",") if attributes else None, **kwargs)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    probe.save(save)
+    typer.echo(json.dumps(probe.report, indent=1, sort_keys=True) if as_json else attribute_probe.format_report(probe))
+    typer.echo(f"probe: {save} ({len(probe.names)} attributes, embedding model "
+               f"{attribute_probe.describe_embed_model(probe.embed_model)})")
+
+
 @app.command("inspect")
 def inspect_cmd(
     out_dir: str = typer.Argument(..., metavar="OUT", help="output directory of prep run (local path or gs://...)"),

@@ -446,6 +446,11 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
     letters.append(_not_views(failed, "Embed") if views is not None else failed)
     if views is not None:
         specific, embedded_views = specific | "SplitViews" >> beam.Partition(_view_or_not, 2)
+    if cfg.attribute_model:  # f_a: predicted attributes for unlabelled faces, doubts on labelled ones
+        from prep.transforms.attribute_predict import ApplyAttributeProbe
+
+        specific = specific | "AttributeProbe" >> beam.ParDo(
+            ApplyAttributeProbe(cfg.attribute_model, cfg.attribute_doubt, cfg.caption_join))
 
     # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
     specific = _identity_stages(plan, specific, letters)

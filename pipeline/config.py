@@ -89,7 +89,8 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 
 
 # Fields added after resume digests were first recorded (see RunConfig.digest_json).
-DIGEST_ADDED = frozenset({"caption_on_bad", "exclude", "singleton_refs", "singleton_refs_k"})
+DIGEST_ADDED = frozenset({"caption_on_bad", "exclude", "singleton_refs", "singleton_refs_k", "attribute_model",
+                          "attribute_doubt"})
 SINGLETON_REFS = ("none", "augment")
 # Refs for objects without a second photo (transforms/views.py), per input kind, unless
 # --singleton-refs says otherwise for all: an LSUN record is always alone.
@@ -169,6 +170,12 @@ class RunConfig:
         False, panel=PANEL_IDENTITY, help="exact duplicates (same pixels): keep the first by key, dead-letter the rest")
     ref_strategy: str = option(
         "random", panel=PANEL_IDENTITY, help="random (seeded, the paper's) or diverse (farthest-first)")
+    attribute_model: Optional[str] = option(
+        None, panel=PANEL_STAGES, metavar="PROBE",
+        help="an attribute probe (prep attributes fit): unlabelled faces get predicted attributes and their "
+        "caption; labels it contradicts are flagged (docs/attributes.md)")
+    attribute_doubt: float = option(
+        0.95, panel=PANEL_STAGES, help="a label is doubted when the probe gives the opposite with this probability")
     singleton_refs: Optional[str] = option(
         None, panel=PANEL_IDENTITY, metavar="none|augment",
         help="refs for objects without a second photo: augment gives them K augmented views of their own image "
@@ -236,6 +243,8 @@ class RunConfig:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.singleton_refs is not None and self.singleton_refs not in SINGLETON_REFS:
             problems.append(f"--singleton-refs must be one of {', '.join(SINGLETON_REFS)}, not {self.singleton_refs!r}")
+        if not 0.5 < self.attribute_doubt < 1.0:
+            problems.append("--attribute-doubt must be in (0.5, 1)")
         if not 1 <= self.singleton_refs_k <= 16:
             problems.append("--singleton-refs-k must be in 1..16")
         if self.samples_per_shard < 1:

@@ -139,11 +139,12 @@ def build_manifest(
         "shards": [
             {**{name: getattr(s, name) for name in (*contract.MANIFEST_SHARD_FIELDS, "split")},
              **({"caption_flags": s.caption_flags} if s.caption_flags else {}),
-             **({"caption_contradictions": s.caption_contradictions} if s.caption_contradictions else {})}
+             **({"caption_contradictions": s.caption_contradictions} if s.caption_contradictions else {}),
+             **({"attribute_doubts": s.attribute_doubts} if s.attribute_doubts else {})}
             for s in shards
         ],
     }
-    for name in ("caption_flags", "caption_contradictions"):
+    for name in ("caption_flags", "caption_contradictions", "attribute_doubts"):
         # captions the guards flagged and --caption-on-bad keep wrote (dropped ones: dead_letter_reasons);
         # captions whose words contradict the sample's labels, per attribute
         totals: dict[str, int] = {}

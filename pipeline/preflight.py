@@ -218,6 +218,27 @@ def check_exclude(path: str) -> InputCheck:
     return check
 
 
+def check_attribute_model(config: RunConfig) -> InputCheck:
+    """The probe reads and was fit on this run's embedding model (its weights' sha256, else its
+    name): a probe of another embedding space would predict nonsense, silently."""
+    from prep.models.attribute_probe import describe_embed_model, read_meta, same_embed_model
+    from prep.pipeline.fingerprint import fingerprint_clip
+
+    check = InputCheck(f"--attribute-model {config.attribute_model}", kind="attribute_model")
+    try:
+        meta = read_meta(config.attribute_model)
+    except (OSError, ValueError) as exc:
+        check.problem = str(exc)
+        return check
+    names = model_names(config)
+    ours = fingerprint_clip(names["clip_model"], names["clip_pretrained"])
+    theirs = meta.get("embed_model") or {}
+    if not same_embed_model(theirs, ours):
+        check.problem = (f"the probe was fit on embeddings of {describe_embed_model(theirs)}, this run embeds with "
+                         f"{describe_embed_model(ours)}: fit a probe on an output of this embedding model")
+    return check
+
+
 def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_problems: bool = True) -> Preflight:
     """Check the models, the inputs and the GPU memory plan; raise PreflightFailed listing
     every missing model and input (unless raise_on_problems=False: the dry run shows them).
@@ -235,6 +256,8 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
     report.inputs = [check_input(spec) for spec in config.inputs]
     if config.exclude:
         report.inputs.append(check_exclude(config.exclude))
+    if config.attribute_model:
+        report.inputs.append(check_attribute_model(config))
     report.models = needed_models(config)
     targets = sorted({(m.host, m.port) for m in report.models if not m.local and m.problem is None and m.host})
     if targets and not report.offline and not report.remote:  # probed at once: one timeout, not one per host

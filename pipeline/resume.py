@@ -106,6 +106,14 @@ def run_digest(config: "RunConfig", items: list, wds_urls: list[str], fingerprin
         "wds": sorted(wds_urls),
         "models": {stage: (f or {}).get("sha256") or (f or {}).get("id") for stage, f in sorted(fingerprints.items())},
     }
+    if config.attribute_model:  # the probe's weights and thresholds decide what is written
+        from prep.models.attribute_probe import META_FILE, WEIGHTS_FILE
+
+        digest = hashlib.sha256()
+        for name in (META_FILE, WEIGHTS_FILE):
+            with open(f"{config.attribute_model.rstrip('/')}/{name}", "rb") as f:
+                digest.update(f.read())
+        payload["attribute_model_sha256"] = digest.hexdigest()
     if config.exclude:  # the list's content decides what is written, not only its name
         with FileSystems.open(config.exclude, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             payload["exclude_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -182,7 +190,8 @@ def _verify(shard: output.Shard, state: Resume) -> Optional[ShardInfo]:
     state.specific.extend(specific)
     return ShardInfo(domain=shard.domain, name=shard.name, count=len(keys), sha256=stats["sha256"], bytes=len(data),
                      split=shard.split, caption_flags=dict(stats.get("caption_flags") or {}),
-                     caption_contradictions=dict(stats.get("caption_contradictions") or {}))
+                     caption_contradictions=dict(stats.get("caption_contradictions") or {}),
+                     attribute_doubts=dict(stats.get("attribute_doubts") or {}))
 
 
 def _read_dead_letters(out: str) -> list[DeadLetter]:
@@ -234,7 +243,8 @@ def scan_for_retry(out: str, manifest: dict) -> Retry:
         state.shards.append(ShardInfo(domain=entry["domain"], name=entry["name"], count=entry["count"],
                                       sha256=entry["sha256"], bytes=entry["bytes"], split=split,
                                       caption_flags=dict(entry.get("caption_flags") or {}),
-                                      caption_contradictions=dict(entry.get("caption_contradictions") or {})))
+                                      caption_contradictions=dict(entry.get("caption_contradictions") or {}),
+                                      attribute_doubts=dict(entry.get("attribute_doubts") or {})))
     for split, domain in contract.split_domains():
         names = listed.get((split, domain), set())
         state.first_index[(split, domain)] = len(names)

@@ -307,6 +307,13 @@ def format_summary(manifest: dict, out: str) -> str:
     if contradicted:
         lines.append("caption words against the labels: "
                      + ", ".join(f"{attr} {n}" for attr, n in contradicted.items()) + " (prep inspect lists them)")
+    counters = manifest.get("stage_counters") or {}
+    if counters.get("attributes.predicted"):
+        lines.append(f"attributes predicted by the probe for {counters['attributes.predicted']} unlabelled sample(s)")
+    doubted = manifest.get("attribute_doubts") or {}
+    if doubted:
+        lines.append("labels the attribute probe doubts: "
+                     + ", ".join(f"{attr} {n}" for attr, n in doubted.items()) + " (prep inspect lists them)")
     for source in manifest.get("sources", []):
         line = f"source {source['spec']}: {source['items']} inputs"
         if source.get("missing_on_disk"):

@@ -152,6 +152,7 @@ def inspect_output(
     )
     page.identity_html, summary["identity"] = _identity_view(index, manifest, problems)
     page.contradictions_html, summary["caption_contradictions"] = _contradictions_view(index, manifest, problems)
+    page.doubts_html, summary["attribute_doubts"] = _doubts_view(index, manifest, problems)
     html = render_page(page).encode("utf-8")
     target = html_path if "://" in html_path else os.path.abspath(html_path)
     write_atomic(target, html)
@@ -363,20 +364,22 @@ def _open_image(data: Any) -> Image.Image:
 CONTRADICTIONS_SHOWN = 48
 
 
-def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems: list[str]) -> tuple[str, list]:
-    """Samples whose VLM caption contradicts their labels (transforms/caption_labels.py), with
-    thumbnails: read from the shards the manifest counts them in, and no other."""
+def _flagged_samples(index: OutputIndex, manifest: Optional[dict], problems: list[str], field: str,
+                     cells) -> tuple[list[str], list[str]]:
+    """(table rows, keys) of the samples whose KEY.json has a non-empty `field`, with
+    thumbnails: read from the shards the manifest counts them in (its shard entries' `field`),
+    and no other. `cells(meta)` gives the row's text cells after the thumbnail and the key."""
     from html import escape
 
     shards = {(e.get("split", contract.TRAIN), e["domain"], e["name"]) for e in (manifest or {}).get("shards", [])
-              if e.get("caption_contradictions")}
+              if e.get(field)}
     rows, found = [], []
     for shard in index.shards:
         if (shard.split, shard.domain, shard.name) not in shards:
             continue
         for sample in _iter_shard(shard, problems):
             meta = sample.get(contract.EXT_JSON)
-            if not isinstance(meta, dict) or not meta.get("caption_contradictions"):
+            if not isinstance(meta, dict) or not meta.get(field):
                 continue
             found.append(sample["__key__"])
             if len(rows) >= CONTRADICTIONS_SHOWN:
@@ -386,11 +389,20 @@ def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems:
                 thumb = _uri(_open_image(sample[contract.EXT_IMAGE]).convert("RGB"), REF_SIDE)
             except Exception as e:  # noqa: BLE001 - PIL raises many types; the row shows without it
                 problems.append(f"{shard.rel}: {sample['__key__']}: image does not decode ({type(e).__name__}: {e})")
-            said = "; ".join(f"{c['attribute']} is {'1' if c['label'] else '-1'}, the caption says "
-                             f"\u201c{c['words']}\u201d" for c in meta["caption_contradictions"])
             img = f'<img src="{thumb}" alt="">' if thumb else ""
-            rows.append(f"<tr><td>{img}</td><td><code>{escape(sample['__key__'])}</code></td><td>{escape(said)}</td>"
-                        f"<td>{escape(str(meta.get('caption_vlm') or ''))}</td></tr>")
+            rows.append(f"<tr><td>{img}</td><td><code>{escape(sample['__key__'])}</code></td>"
+                        + "".join(f"<td>{escape(c)}</td>" for c in cells(meta)) + "</tr>")
+    return rows, found
+
+
+def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems: list[str]) -> tuple[str, list]:
+    """Samples whose VLM caption contradicts their labels (transforms/caption_labels.py)."""
+    def cells(meta: dict) -> list[str]:
+        said = "; ".join(f"{c['attribute']} is {'1' if c['label'] else '-1'}, the caption says "
+                         f"\u201c{c['words']}\u201d" for c in meta["caption_contradictions"])
+        return [said, str(meta.get("caption_vlm") or "")]
+
+    rows, found = _flagged_samples(index, manifest, problems, "caption_contradictions", cells)
     if not found:
         return "", []
     more = f" (the first {len(rows)} shown)" if len(found) > len(rows) else ""
@@ -399,6 +411,24 @@ def _contradictions_view(index: OutputIndex, manifest: Optional[dict], problems:
             "Labels are not changed: the label or the captioner may be the wrong one.</p>"
             "<table><tr><th></th><th>key</th><th>contradiction</th><th>VLM caption</th></tr>"
             + "".join(rows) + "</table></section>")
+    return html, found
+
+
+def _doubts_view(index: OutputIndex, manifest: Optional[dict], problems: list[str]) -> tuple[str, list]:
+    """Labels the attribute probe contradicts with high confidence (--attribute-model)."""
+    def cells(meta: dict) -> list[str]:
+        return ["; ".join(f"{d['attribute']} is {'1' if d['label'] else '-1'}, the probe gives "
+                          f"p = {d['probability']:.3f}" for d in meta["attribute_doubts"])]
+
+    rows, found = _flagged_samples(index, manifest, problems, "attribute_doubts", cells)
+    if not found:
+        return "", []
+    counts = ", ".join(f"{a} {n}" for a, n in ((manifest or {}).get("attribute_doubts") or {}).items())
+    more = f" (the first {len(rows)} shown)" if len(found) > len(rows) else ""
+    html = ('<section id="doubts"><h2>Labels the attribute probe doubts</h2>'
+            f"<p>{len(found)} sample(s) with a label the probe contradicts with high confidence{more}; per "
+            f"attribute: {counts}. Labels are not changed: look, then fix the annotation or keep it.</p>"
+            "<table><tr><th></th><th>key</th><th>doubted label</th></tr>" + "".join(rows) + "</table></section>")
     return html, found
 
 

@@ -162,6 +162,7 @@ class ReportPage:
     identity_html: str = ""  # the identity view (report/identity_view.py), already rendered
     notices: list[str] = field(default_factory=list)  # one line each, above everything (e.g. random weights)
     contradictions_html: str = ""  # report/inspect.py: captions against their labels, already rendered
+    doubts_html: str = ""  # report/inspect.py: labels the attribute probe doubts, already rendered
 
 
 def caption_parts(caption: str, vlm: Optional[str], attributes: Optional[str]) -> list[tuple[str, str]]:
@@ -260,6 +261,8 @@ def render_page(page: ReportPage) -> str:
         out.append(f'<section id="identity-view">{page.identity_html}</section>')
     if page.contradictions_html:
         out.append(page.contradictions_html)
+    if page.doubts_html:
+        out.append(page.doubts_html)
 
     out.append('<section id="contact-sheet"><h2>Contact sheet</h2>')
     out.append(f"<p>{escape(page.sheet_note)}</p>")

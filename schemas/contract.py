@@ -170,7 +170,14 @@ SOURCE_META_DROPPED = "_dropped"
 # (an augmented view of the sample's own image, ref key "<key>#aug<j>": transforms/views.py).
 REF_KINDS = ("identity", "augmented")
 JSON_REF_FIELDS = ("ref_kinds",)
-JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS, *JSON_SOURCE_FIELDS, *JSON_REF_FIELDS)
+# The attribute probe (--attribute-model; models/attribute_probe.py): `attributes_source`
+# ("labels", "predicted", or null without attributes) on every sample; where a probe ran,
+# `attribute_probabilities` {name: p}; `attribute_doubts` [{"attribute", "label", "probability"}]
+# only where the probe contradicts a label with at least --attribute-doubt confidence.
+ATTRIBUTE_SOURCES = ("labels", "predicted")
+JSON_ATTRIBUTE_FIELDS = ("attributes_source", "attribute_probabilities", "attribute_doubts")
+JSON_ADDED_FIELDS = ("origin", *JSON_IDENTITY_FIELDS, *JSON_CAPTION_FIELDS, *JSON_SOURCE_FIELDS, *JSON_REF_FIELDS,
+                     *JSON_ATTRIBUTE_FIELDS)
 # identity_status values (transforms/verify.py decides them).
 VERIFIED, OUTLIER, UNVERIFIED, SINGLE = "verified", "outlier", "unverified", "single"
 IDENTITY_STATUSES = (VERIFIED, OUTLIER, UNVERIFIED, SINGLE)  # v1 additions: checked when present

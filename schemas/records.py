@@ -86,6 +86,11 @@ class Sample:
     caption: Optional[str] = None
     caption_flags: tuple[str, ...] = ()  # caption guards that fired, kept (--caption-on-bad keep)
     caption_contradictions: tuple[dict, ...] = ()  # VLM words against the labels (transforms/caption_labels.py)
+    # --attribute-model (transforms/attribute_predict.py): where `attributes` came from ("labels",
+    # "predicted"), the probe's probability per attribute, and the labels it contradicts.
+    attributes_source: Optional[str] = None
+    attribute_probabilities: Optional[dict] = None
+    attribute_doubts: tuple[dict, ...] = ()
     mask_png: Optional[bytes] = None
     mask_fraction: Optional[float] = None
     embedding: Optional[np.ndarray] = None  # float32 [D]
@@ -238,6 +243,7 @@ class ShardInfo:
     split: str = contract.TRAIN  # where it lives: contract.shard_folder(split, domain)
     caption_flags: dict = field(default_factory=dict)  # flag -> samples kept with it (--caption-on-bad keep)
     caption_contradictions: dict = field(default_factory=dict)  # attribute -> samples whose caption contradicts it
+    attribute_doubts: dict = field(default_factory=dict)  # attribute -> samples whose label the probe doubts
 
 
 @dataclass

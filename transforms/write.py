@@ -76,6 +76,11 @@ def sample_json(sample: Sample) -> dict:
         meta["caption_contradictions"] = [dict(c) for c in sample.caption_contradictions]
     if sample.source_meta is not None:  # only where the source has its own metadata
         meta["source_meta"] = sample.source_meta
+    meta["attributes_source"] = sample.attributes_source or ("labels" if sample.attributes else None)
+    if sample.attribute_probabilities is not None:  # only where an attribute probe ran
+        meta["attribute_probabilities"] = dict(sorted(sample.attribute_probabilities.items()))
+    if sample.attribute_doubts:  # only where the probe contradicts a label
+        meta["attribute_doubts"] = [dict(d) for d in sample.attribute_doubts]
     return meta
 
 
@@ -162,6 +167,7 @@ class ShardRow:
     caption_flags: tuple[str, ...] = ()
     contradicted: tuple[str, ...] = ()  # attributes the caption contradicts
     url: Optional[str] = None  # source_meta's url (img2dataset), for takedowns by URL
+    doubted: tuple[str, ...] = ()  # attributes whose label the probe doubts
 
     @property
     def caption_words(self) -> int:
@@ -201,6 +207,7 @@ class ShardRow:
             caption_flags=tuple(meta.get("caption_flags") or ()),
             contradicted=tuple(c["attribute"] for c in meta.get("caption_contradictions") or ()),
             url=source_url(meta.get("source_meta")),
+            doubted=tuple(d["attribute"] for d in meta.get("attribute_doubts") or ()),
         )
 
 
@@ -255,6 +262,11 @@ def contradiction_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     return _tally(attribute for row in rows for attribute in row.contradicted)
 
 
+def doubt_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
+    """attribute -> rows whose label the attribute probe doubts."""
+    return _tally(attribute for row in rows for attribute in row.doubted)
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """{"count", "min", "max", "mean"} of some numbers (min/max/mean null when there are none)."""
     if not values:
@@ -271,6 +283,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
     masks = [r.mask_fraction for r in rows if r.mask_fraction is not None]
     flags = caption_flag_counts(rows)
     contradicted = contradiction_counts(rows)
+    doubted = doubt_counts(rows)
     return {
         "schema_version": contract.SCHEMA_VERSION,
         "shard": shard,
@@ -298,6 +311,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         "jpg_bytes": {**summarize([r.jpg_bytes for r in rows]), "total": sum(r.jpg_bytes for r in rows)},
         **({"caption_flags": flags} if flags else {}),  # only when a flagged caption was kept
         **({"caption_contradictions": contradicted} if contradicted else {}),
+        **({"attribute_doubts": doubted} if doubted else {}),
     }
 
 
@@ -385,7 +399,8 @@ def write_shard_files(folder: str, split: str, domain: str, index: int, data: by
     write_atomic(f"{folder}/{parquet_name(name)}", parquet_bytes(rows))
     write_atomic(f"{folder}/{stats_name(name)}", stats_bytes(stats))
     return ShardInfo(domain=domain, name=name, count=len(rows), sha256=sha256, bytes=len(data), split=split,
-                     caption_flags=caption_flag_counts(rows), caption_contradictions=contradiction_counts(rows))
+                     caption_flags=caption_flag_counts(rows), caption_contradictions=contradiction_counts(rows),
+                     attribute_doubts=doubt_counts(rows))
 
 
 class WriteShards(beam.PTransform):

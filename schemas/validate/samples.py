@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from prep.schemas.contract import (
+    ATTRIBUTE_SOURCES,
     CAPTION_FLAGS,
     EXT_EMB,
     EXT_FACE,
@@ -187,6 +188,24 @@ class _SampleChecks:
                     for c in meta["caption_contradictions"])
         ):
             field_problem("caption_contradictions", "a non-empty list of {attribute, label, words}")
+        if "attributes_source" in meta and meta["attributes_source"] not in (*ATTRIBUTE_SOURCES, None):
+            field_problem("attributes_source", f"one of {', '.join(ATTRIBUTE_SOURCES)} or null")
+        elif meta.get("attributes_source") and not meta.get("attributes"):
+            field_problem("attributes_source", "null for a sample without attributes")
+        if "attribute_probabilities" in meta and not (
+            isinstance(meta["attribute_probabilities"], dict)
+            and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1
+                    for p in meta["attribute_probabilities"].values())
+        ):
+            field_problem("attribute_probabilities", "an object of attribute -> probability in [0, 1]")
+        if "attribute_doubts" in meta and not (
+            isinstance(meta["attribute_doubts"], list) and meta["attribute_doubts"]
+            and all(isinstance(d, dict) and set(d) == {"attribute", "label", "probability"}
+                    and isinstance(d["label"], bool)
+                    and (meta.get("attributes") or {}).get(d["attribute"]) == d["label"]
+                    for d in meta["attribute_doubts"])
+        ):
+            field_problem("attribute_doubts", "a non-empty list of {attribute, label, probability}, each label the sample's")
         if "source_meta" in meta and not isinstance(meta["source_meta"], dict):
             field_problem("source_meta", "an object (the source's own metadata)")
         if "schema_version" in meta and not (
