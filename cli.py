@@ -254,6 +254,27 @@ def attributes_fit_cmd(
                f"{attribute_probe.describe_embed_model(probe.embed_model)})")
 
 
+@app.command("weights")
+def weights_cmd(
+    out: str = typer.Argument(..., metavar="OUT", help="an output of prep run"),
+    balance: str = typer.Option(..., help="attributes to balance, comma-separated (e.g. Male,Young)"),
+    max_weight: float = typer.Option(10.0, help="cap on a sample's weight (weights have mean 1)"),
+    split: str = typer.Option("train", help="the split to weigh"),
+):
+    """Per-sample sampling weights that balance the chosen attributes' combinations (inverse
+    frequency, mean 1, capped), beside the shards as NNNNNN_weights.parquet; recorded in the
+    manifest. `prep train --weights` samples by them."""
+    _setup_logging(False)
+    from prep.report.weights import format_weights, write_weights
+
+    try:
+        record = write_weights(out, balance.split(","), max_weight=max_weight, split=split)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_weights(record))
+
+
 @app.command("inspect")
 def inspect_cmd(
     out_dir: str = typer.Argument(..., metavar="OUT", help="output directory of prep run (local path or gs://...)"),
@@ -263,13 +284,17 @@ def inspect_cmd(
     seed: int = typer.Option(0, help="seed that chooses the triplets"),
     identity: Optional[str] = typer.Option(None, help="contact sheet: only this identity (glob)"),
     key: Optional[str] = typer.Option(None, help="contact sheet: only keys matching this glob, e.g. 'celeba_0001*'"),
+    attributes: Optional[str] = typer.Option(
+        None, help="the bias view: these attributes too, comma-separated (always: Male, Young, Pale_Skin, Attractive, "
+                   "Eyeglasses)"),
 ):
     """Write one self-contained HTML page of an output: counts, dead letters, charts, sampled triplets."""
     _setup_logging(False)
     from prep.report import format_summary, inspect_output
 
     try:
-        summary = inspect_output(out_dir, html, samples=samples, seed=seed, identity=identity, key=key)
+        summary = inspect_output(out_dir, html, samples=samples, seed=seed, identity=identity, key=key,
+                                 attributes=attributes.split(",") if attributes else None)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -22,15 +22,14 @@ split; prep's splits are identity-disjoint, so the figures are on people the pro
 An attribute with fewer than `min_count` positives or negatives in either split is skipped,
 and the report says so.
 
-Saved as a folder: `probe.safetensors` (w [D, A], b, s, t, threshold: float32 [A]; never a
-pickle) and `probe.json` (format, attribute names, dim, the embedding model's fingerprint,
+Saved as a folder: `probe.safetensors` (w [D, A], b, s, t: float32; thresholds: float64 [A];
+never a pickle) and `probe.json` (format, attribute names, dim, the embedding model's fingerprint,
 the report).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -51,7 +50,7 @@ class AttributeProbe:
     bias: np.ndarray  # float32 [A]
     scale: np.ndarray  # float32 [A], Platt
     shift: np.ndarray  # float32 [A], Platt
-    thresholds: np.ndarray  # float32 [A], on the probability
+    thresholds: np.ndarray  # float64 [A], on the probability
     embed_model: dict = field(default_factory=dict)  # the embedding model's fingerprint (manifest models.embed)
     report: dict = field(default_factory=dict)
 
@@ -74,27 +73,29 @@ class AttributeProbe:
         return {n: bool(v >= t) for n, v, t in zip(self.names, p, self.thresholds.astype(np.float64))}, rounded
 
     def save(self, path: str) -> str:
-        from safetensors.numpy import save_file
+        """PROBE/probe.safetensors and PROBE/probe.json, each written atomically (local or gs://)."""
+        from safetensors.numpy import save
 
         from prep.atomic import write_atomic
 
-        os.makedirs(path, exist_ok=True)
         tensors = {"weights": self.weights, "bias": self.bias, "scale": self.scale, "shift": self.shift,
                    "thresholds": self.thresholds}
-        tmp = os.path.join(path, f".{WEIGHTS_FILE}.tmp-{os.getpid()}")
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, tmp)
-        os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+        arrays = {k: np.ascontiguousarray(v, np.float64 if k == "thresholds" else np.float32) for k, v in tensors.items()}
+        write_atomic(_join(path, WEIGHTS_FILE), save(arrays))
         meta = {"format": PROBE_FORMAT, "names": self.names, "dim": self.dim, "embed_model": self.embed_model,
                 "report": self.report}
-        write_atomic(os.path.join(path, META_FILE), (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(_join(path, META_FILE), (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         return path
 
     @classmethod
     def load(cls, path: str) -> "AttributeProbe":
-        meta = read_meta(path)
-        from safetensors.numpy import load_file
+        """A saved probe, local or on an object store (read through Beam's FileSystems)."""
+        from safetensors.numpy import load
 
-        t = load_file(os.path.join(path, WEIGHTS_FILE))
+        from prep.schemas.output import read_bytes
+
+        meta = read_meta(path)
+        t = load(read_bytes(_join(path, WEIGHTS_FILE)))
         probe = cls(names=list(meta["names"]), weights=t["weights"], bias=t["bias"], scale=t["scale"],
                     shift=t["shift"], thresholds=t["thresholds"], embed_model=meta.get("embed_model") or {},
                     report=meta.get("report") or {})
@@ -104,14 +105,28 @@ class AttributeProbe:
         return probe
 
 
+def _join(path: str, name: str) -> str:
+    return f"{path.rstrip('/')}/{name}"
+
+
+def probe_bytes(path: str) -> bytes:
+    """probe.json then probe.safetensors, concatenated: what decides the probe's output (the run digest)."""
+    from prep.schemas.output import read_bytes
+
+    return read_bytes(_join(path, META_FILE)) + read_bytes(_join(path, WEIGHTS_FILE))
+
+
 def read_meta(path: str) -> dict:
     """probe.json of a saved probe; ValueError naming what is wrong."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+    from apache_beam.io.filesystems import FileSystems
+
+    from prep.schemas.output import read_bytes
+
+    meta_path = _join(path, META_FILE)
+    if not (FileSystems.exists(meta_path) and FileSystems.exists(_join(path, WEIGHTS_FILE))):
         raise ValueError(f"{path} is not a saved attribute probe (expected {META_FILE} and {WEIGHTS_FILE}; "
                          "write one with `prep attributes fit OUT --save PROBE`)")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = json.loads(read_bytes(meta_path).decode("utf-8"))
     if meta.get("format") != PROBE_FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {PROBE_FORMAT!r}")
     return meta
@@ -163,7 +178,10 @@ def _best_threshold(p: np.ndarray, truth: np.ndarray) -> float:
     """The probability threshold with the best balanced accuracy (ties: the one nearest 0.5),
     among the distinct probabilities (and 0.5): one sort, O(n log n)."""
     truth = truth.astype(bool)
-    candidates = np.unique(np.concatenate([p, [0.5]]))  # ascending
+    distinct = np.unique(p)
+    # Midpoints between neighbouring probabilities: a threshold never sits on a sample's value,
+    # so rounding it (storage) cannot move that sample across it.
+    candidates = np.unique(np.concatenate([(distinct[:-1] + distinct[1:]) / 2, distinct[:1], distinct[-1:] + 1e-9, [0.5]]))
     positives, negatives = max(int(truth.sum()), 1), max(int((~truth).sum()), 1)
     # Predicted positive at threshold c: p >= c. Count, per candidate, the samples below it.
     pos_sorted = np.sort(p[truth])
@@ -231,7 +249,7 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
               "dim": int(d), "ridge": ridge, "min_count": min_count}
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
     return AttributeProbe(names=[names[a] for a in keep], weights=f32(weights), bias=f32(bias), scale=f32(scale),
-                          shift=f32(shift), thresholds=f32(thresholds), embed_model=dict(embed_model or {}),
+                          shift=f32(shift), thresholds=np.asarray(thresholds, np.float64), embed_model=dict(embed_model or {}),
                           report=report)
 
 
@@ -269,8 +287,11 @@ def fit_output(out_dir: str, *, ridge: float = RIDGE, min_count: int = MIN_COUNT
     """Fit on OUT's train split, calibrate and measure on its val split (see `fit`)."""
     from prep.schemas import contract
 
-    with open(os.path.join(out_dir, contract.MANIFEST), encoding="utf-8") as f:
-        manifest = json.load(f)
+    from prep.schemas.output import read_manifest
+
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir}: no readable {contract.MANIFEST}: not a complete output of `prep run`")
     train_x, train_attrs, _ = labelled_embeddings(out_dir, contract.TRAIN)
     val_x, val_attrs, _ = labelled_embeddings(out_dir, "val")
     if not train_attrs:

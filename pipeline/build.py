@@ -341,10 +341,15 @@ def view_maker(plan: RunPlan) -> Optional[MakeViews]:
     every = frozenset(kind for kind, mode in modes.items() if mode == "augment" and kind == "lsun")
     counted = Counter((i.source, i.identity) for i in plan.items
                       if modes.get(i.source) == "augment" and i.source not in every)
-    singles = frozenset(i.key for i in plan.items if i.source not in every and counted.get((i.source, i.identity)) == 1)
+    singles = sorted(i.key for i in plan.items if i.source not in every and counted.get((i.source, i.identity)) == 1)
     if not every and not singles:
         return None
-    return MakeViews(plan.config.singleton_refs_k, plan.config.seed, every, singles)
+    if len(singles) <= INLINE_ITEMS:
+        return MakeViews(plan.config.singleton_refs_k, plan.config.seed, every, frozenset(singles))
+    # Many singletons (a folder of one-photo identities): a file the workers read, not the job graph.
+    path = f"{plan.config.out.rstrip('/')}/{contract.PLAN_DIR}/singletons.txt"
+    write_atomic(path, "".join(k + "\n" for k in singles).encode("utf-8"))
+    return MakeViews(plan.config.singleton_refs_k, plan.config.seed, every, frozenset(), singletons_path=path)
 
 
 def _view_or_not(sample: Sample, _n: int) -> int:
@@ -450,7 +455,7 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         from prep.transforms.attribute_predict import ApplyAttributeProbe
 
         specific = specific | "AttributeProbe" >> beam.ParDo(
-            ApplyAttributeProbe(cfg.attribute_model, cfg.attribute_doubt, cfg.caption_join))
+            ApplyAttributeProbe(cfg.attribute_model, cfg.attribute_doubt, cfg.caption_join, cfg.attribute_kind_set()))
 
     # Identity: faces / hashes -> exact duplicates -> verified same-identity refs.
     specific = _identity_stages(plan, specific, letters)

@@ -90,8 +90,10 @@ def parse_fill(text: str) -> tuple[int, int, int]:
 
 # Fields added after resume digests were first recorded (see RunConfig.digest_json).
 DIGEST_ADDED = frozenset({"caption_on_bad", "exclude", "singleton_refs", "singleton_refs_k", "attribute_model",
-                          "attribute_doubt"})
+                          "attribute_doubt", "attribute_kinds"})
 SINGLETON_REFS = ("none", "augment")
+ALWAYS_ITS_OWN_OBJECT = frozenset({"lsun"})  # identity none whatever --identity-model says
+ATTRIBUTE_KINDS = ("celeba", "folder")  # --attribute-model applies to these kinds' samples (faces) by default
 # Refs for objects without a second photo (transforms/views.py), per input kind, unless
 # --singleton-refs says otherwise for all: an LSUN record is always alone.
 SINGLETON_REFS_DEFAULT = {"lsun": "augment"}
@@ -176,6 +178,9 @@ class RunConfig:
         "caption; labels it contradicts are flagged (docs/attributes.md)")
     attribute_doubt: float = option(
         0.95, panel=PANEL_STAGES, help="a label is doubted when the probe gives the opposite with this probability")
+    attribute_kinds: str = option(
+        ",".join(ATTRIBUTE_KINDS), panel=PANEL_STAGES, metavar="KIND,...",
+        help="input kinds whose samples are faces: the only ones the probe applies to (celeba, folder, lsun)")
     singleton_refs: Optional[str] = option(
         None, panel=PANEL_IDENTITY, metavar="none|augment",
         help="refs for objects without a second photo: augment gives them K augmented views of their own image "
@@ -225,6 +230,9 @@ class RunConfig:
             parsed["inputs"] = list(parsed["inputs"])
         return cls(**parsed)
 
+    def attribute_kind_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.attribute_kinds.split(",") if k.strip())
+
     def digest_json(self) -> dict:
         """The fields that decide what is written (declared on each field: `digest=`). A field
         added since digests were first recorded (DIGEST_ADDED) counts only when it differs from
@@ -243,6 +251,8 @@ class RunConfig:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.singleton_refs is not None and self.singleton_refs not in SINGLETON_REFS:
             problems.append(f"--singleton-refs must be one of {', '.join(SINGLETON_REFS)}, not {self.singleton_refs!r}")
+        if not set(self.attribute_kind_set()) <= {"celeba", "folder", "lsun"}:
+            problems.append(f"--attribute-kinds takes celeba, folder and lsun, not {self.attribute_kinds!r}")
         if not 0.5 < self.attribute_doubt < 1.0:
             problems.append("--attribute-doubt must be in (0.5, 1)")
         if not 1 <= self.singleton_refs_k <= 16:
@@ -350,8 +360,11 @@ def singleton_refs_modes(config: RunConfig) -> dict[str, str]:
 
 
 def identity_models(config: RunConfig) -> dict[str, str]:
-    """Source kind -> the identity model ("face" | "clip" | "none") it is verified with."""
-    return {kind: config.identity_model or mode for kind, mode in PRESET_IDENTITY[config.preset].items()}
+    """Source kind -> the identity model ("face" | "clip" | "none") it is verified with. An LSUN
+    record is its own object (its identity is its key): nothing to verify, whatever
+    --identity-model says for the other kinds."""
+    return {kind: "none" if kind in ALWAYS_ITS_OWN_OBJECT else config.identity_model or mode
+            for kind, mode in PRESET_IDENTITY[config.preset].items()}
 
 
 def resolve_models(config: RunConfig) -> ResolvedModels:

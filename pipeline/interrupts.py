@@ -103,18 +103,20 @@ def interruptible() -> Iterator[dict]:
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    leaving = False
     try:
         yield state
     except BaseException:
         if state["signum"] is None:
             raise
+        leaving = True
         for s in SIGNALS:  # the process is on its way out: a second Ctrl-C must not turn into a traceback
             signal.signal(s, signal.SIG_IGN)
         _kill_descendants()  # any started while it unwound
         _say(state, MESSAGE)
         raise Interrupted(state["signum"]) from None
     finally:
-        if state["signum"] is None:
+        if not leaving:  # the block ended (a signal after its work was done included): handlers as before
             for s, old in previous.items():
                 signal.signal(s, old)
     if state["stderr"] is not None:  # a signal after the block's work was done: carry on

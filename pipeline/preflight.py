@@ -218,13 +218,17 @@ def check_exclude(path: str) -> InputCheck:
     return check
 
 
-def check_attribute_model(config: RunConfig) -> InputCheck:
+def check_attribute_model(config: RunConfig, remote: bool = False) -> InputCheck:
     """The probe reads and was fit on this run's embedding model (its weights' sha256, else its
-    name): a probe of another embedding space would predict nonsense, silently."""
+    name): a probe of another embedding space would predict nonsense, silently. On a remote
+    runner the workers must reach it: not a local path."""
     from prep.models.attribute_probe import describe_embed_model, read_meta, same_embed_model
     from prep.pipeline.fingerprint import fingerprint_clip
 
     check = InputCheck(f"--attribute-model {config.attribute_model}", kind="attribute_model")
+    if remote and "://" not in config.attribute_model:
+        check.problem = "a local path, which the remote workers cannot read: copy the probe to gs:// and give that"
+        return check
     try:
         meta = read_meta(config.attribute_model)
     except (OSError, ValueError) as exc:
@@ -257,7 +261,7 @@ def preflight(config: RunConfig, beam_args: Sequence[str] = (), *, raise_on_prob
     if config.exclude:
         report.inputs.append(check_exclude(config.exclude))
     if config.attribute_model:
-        report.inputs.append(check_attribute_model(config))
+        report.inputs.append(check_attribute_model(config, remote=report.remote))
     report.models = needed_models(config)
     targets = sorted({(m.host, m.port) for m in report.models if not m.local and m.problem is None and m.host})
     if targets and not report.offline and not report.remote:  # probed at once: one timeout, not one per host

@@ -107,13 +107,9 @@ def run_digest(config: "RunConfig", items: list, wds_urls: list[str], fingerprin
         "models": {stage: (f or {}).get("sha256") or (f or {}).get("id") for stage, f in sorted(fingerprints.items())},
     }
     if config.attribute_model:  # the probe's weights and thresholds decide what is written
-        from prep.models.attribute_probe import META_FILE, WEIGHTS_FILE
+        from prep.models.attribute_probe import probe_bytes
 
-        digest = hashlib.sha256()
-        for name in (META_FILE, WEIGHTS_FILE):
-            with open(f"{config.attribute_model.rstrip('/')}/{name}", "rb") as f:
-                digest.update(f.read())
-        payload["attribute_model_sha256"] = digest.hexdigest()
+        payload["attribute_model_sha256"] = hashlib.sha256(probe_bytes(config.attribute_model)).hexdigest()
     if config.exclude:  # the list's content decides what is written, not only its name
         with FileSystems.open(config.exclude, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             payload["exclude_sha256"] = hashlib.sha256(f.read()).hexdigest()

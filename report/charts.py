@@ -210,3 +210,35 @@ def _nice_ceiling(value: float) -> float:
 def _fmt_count(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
+
+
+def share_bars_svg(title: str, rows: Sequence[tuple[str, Optional[float], int, int]], *, chart_id: str = "",
+                   reference: float = 0.5, reference_label: str = "balanced") -> str:
+    """Horizontal bars, one per row (label, share in [0, 1] or None, samples, series index for
+    the colour), on a 0-100% axis, with a dashed line at `reference` (a balanced mix)."""
+    label_w, bar_w, row_h = 150, 190, 18
+    width = label_w + bar_w + 90
+    height = 30 + row_h * max(len(rows), 1) + 22
+    parts = [
+        f'<svg class="chart bias-chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}"'
+        + (f' id="{escape(chart_id, quote=True)}"' if chart_id else "")
+        + f' aria-label="{escape(title, quote=True)}">',
+        f'<text class="chart-title" x="4" y="15">{escape(title)}</text>',
+    ]
+    for i, (label, share, n, series) in enumerate(rows):
+        y = 26 + i * row_h
+        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end" font-size="11">{escape(label)}</text>')
+        if share is None:
+            parts.append(f'<text x="{label_w + 4}" y="{y + 12}" font-size="11">no samples</text>')
+            continue
+        w = round(bar_w * share, 1)
+        parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{w}" height="{row_h - 5}" fill="{COLOURS[series % len(COLOURS)]}">'
+                     f"<title>{escape(label)}: {share:.1%} of {n} samples</title></rect>")
+        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 12}" font-size="11">{share:.0%} of {n}</text>')
+    x_ref = label_w + bar_w * reference
+    bottom = 26 + row_h * max(len(rows), 1)
+    parts.append(f'<line x1="{x_ref}" y1="22" x2="{x_ref}" y2="{bottom}" stroke="#444" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{x_ref}" y="{bottom + 14}" text-anchor="middle" font-size="10">{escape(reference_label)} '
+                 f"({reference:.0%})</text>")
+    parts.append("</svg>")
+    return "".join(parts)

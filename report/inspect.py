@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import fnmatch
 import io
+import json
 import os
 import random
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from PIL import Image
 
@@ -37,7 +38,7 @@ from prep.report.read import (
     read_dead_letters,
     read_manifest,
 )
-from prep.schemas import contract
+from prep.schemas import contract, output
 from prep.schemas.output import random_weights_note
 from prep.schemas.records import DOMAINS, GENERAL, SPECIFIC
 from prep.transforms.write import mask_fraction
@@ -58,6 +59,7 @@ def inspect_output(
     identity: Optional[str] = None,
     key: Optional[str] = None,
     use_sidecars: bool = True,
+    attributes: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """Write a report of `out_dir` (local path or any FileSystems URL) to `html_path`.
 
@@ -153,6 +155,8 @@ def inspect_output(
     page.identity_html, summary["identity"] = _identity_view(index, manifest, problems)
     page.contradictions_html, summary["caption_contradictions"] = _contradictions_view(index, manifest, problems)
     page.doubts_html, summary["attribute_doubts"] = _doubts_view(index, manifest, problems)
+    chosen = list(dict.fromkeys([*BIAS_ATTRIBUTES, *(attributes or ())]))
+    page.bias_html, summary["attributes"] = _bias_view(index, problems, chosen)
     html = render_page(page).encode("utf-8")
     target = html_path if "://" in html_path else os.path.abspath(html_path)
     write_atomic(target, html)
@@ -362,6 +366,52 @@ def _open_image(data: Any) -> Image.Image:
 
 
 CONTRADICTIONS_SHOWN = 48
+
+
+BIAS_ATTRIBUTES = ("Male", "Young", "Pale_Skin", "Attractive", "Eyeglasses")  # the paper's skew, and glasses
+
+
+def _bias_view(index: OutputIndex, problems: list[str], chosen: Sequence[str]) -> tuple[str, dict]:
+    """The attributes' shares per split and domain, labelled and predicted apart (from each
+    shard's stats: no tar is read), each against a balanced 50%: the skew a model trained on
+    this data learns (the paper's limitation: CelebA leans young, attractive, light-skinned)."""
+    from html import escape
+
+    from prep.report.charts import share_bars_svg
+
+    totals: dict[tuple[str, str, str], dict] = {}
+    for shard in index.shards:
+        if not shard.stats:
+            continue
+        try:
+            stats = json.loads(output.read_bytes(shard.stats).decode("utf-8"))
+        except (*output.READ_ERRORS, ValueError) as exc:
+            problems.append(f"{shard.rel}: stats unreadable ({type(exc).__name__}: {exc})")
+            continue
+        for source, entry in (stats.get("attributes") or {}).items():
+            t = totals.setdefault((shard.split, shard.domain, source), {"samples": 0, "true": {}})
+            t["samples"] += int(entry.get("samples", 0))
+            for name, n in (entry.get("true") or {}).items():
+                t["true"][name] = t["true"].get(name, 0) + int(n)
+    if not totals:
+        return "", {}
+    order = {s: i for i, s in enumerate(contract.SPLITS)}
+    groups = sorted(totals, key=lambda g: (order.get(g[0], 9), g[1], g[2]))
+    charts, data = [], {}
+    for name in chosen:
+        rows = []
+        for split, domain, source in groups:
+            t = totals[(split, domain, source)]
+            share = t["true"][name] / t["samples"] if name in t["true"] and t["samples"] else None
+            rows.append((f"{split} {domain} · {source}", share, t["samples"], 0 if source == "labels" else 1))
+            data.setdefault(name, {})[f"{split}/{domain}/{source}"] = None if share is None else round(share, 4)
+        charts.append(f"<figure>{share_bars_svg(name, rows, chart_id='bias-' + name)}</figure>")
+    html = ('<section id="bias"><h2>Attributes in the data</h2>'
+            "<p>The share of samples with each attribute, per split and domain, labelled and predicted "
+            "(<code>--attribute-model</code>) apart, against a balanced 50%. A model trained on this data learns this "
+            "mix; <code>prep weights OUT --balance " + escape(",".join(chosen[:2])) + "</code> counters it "
+            "(<code>prep train --weights</code>).</p><div class=\"charts\">" + "".join(charts) + "</div></section>")
+    return html, data
 
 
 def _flagged_samples(index: OutputIndex, manifest: Optional[dict], problems: list[str], field: str,

@@ -163,6 +163,7 @@ class ReportPage:
     notices: list[str] = field(default_factory=list)  # one line each, above everything (e.g. random weights)
     contradictions_html: str = ""  # report/inspect.py: captions against their labels, already rendered
     doubts_html: str = ""  # report/inspect.py: labels the attribute probe doubts, already rendered
+    bias_html: str = ""  # report/inspect.py: attributes per split and domain against a balanced mix
 
 
 def caption_parts(caption: str, vlm: Optional[str], attributes: Optional[str]) -> list[tuple[str, str]]:
@@ -257,6 +258,8 @@ def render_page(page: ReportPage) -> str:
         out.append(f"<figure>{chart.svg}<figcaption>{escape(chart.note)}</figcaption></figure>")
     out.append("</div></section>")
 
+    if page.bias_html:
+        out.append(page.bias_html)
     if page.identity_html:
         out.append(f'<section id="identity-view">{page.identity_html}</section>')
     if page.contradictions_html:

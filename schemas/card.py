@@ -80,6 +80,15 @@ def _count_table(shards: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _augmented_refs(config: dict) -> bool:
+    """Whether the run could give augmented refs: --singleton-refs augment, or an lsun: input
+    under the default (augment for lsun)."""
+    mode = config.get("singleton_refs")
+    if mode is not None:
+        return mode == "augment"
+    return any(str(spec).split("=", 1)[-1].startswith("lsun:") for spec in config.get("inputs") or [])
+
+
 def _models(manifest: dict[str, Any]) -> list[str]:
     lines = []
     for stage, info in sorted((manifest.get("models") or {}).items()):
@@ -140,8 +149,11 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         lines += [
             "",
             f"Identity: {totals.get('identities', 0)} identities, {totals.get('identities_verified', 0)} verified; "
-            "refs are verified photos of the same identity, never a near-duplicate of their sample.",
+            "identity refs are verified photos of the same identity, never a near-duplicate of their sample.",
         ]
+    if _augmented_refs(config):
+        lines += ["", "Refs marked `augmented` in `ref_kinds` (keys `<key>#aug<j>`) are augmented views of the sample's "
+                      "own image, for objects with no second photo (`--singleton-refs`)."]
     models = _models(manifest)
     if models:
         lines += ["", f"Models (preset `{config.get('preset', '?')}`):", *models]

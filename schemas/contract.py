@@ -88,6 +88,7 @@ SHARD_DIGITS = 6
 SHARD_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
 STATS_SUFFIX = "_stats.json"
+WEIGHTS_SUFFIX = "_weights.parquet"  # `prep weights`: per-sample sampling weights (report/weights.py)
 _SHARD_NAME = re.compile(rf"^\d{{{SHARD_DIGITS}}}\.tar$")
 # Run bookkeeping beside the outputs (not part of what consumers read).
 RUN_STATE = "_run.json"  # resume digest and config, written first
@@ -229,6 +230,11 @@ def parquet_name(shard: str) -> str:
     return shard.removesuffix(SHARD_SUFFIX) + PARQUET_SUFFIX
 
 
+def weights_name(shard: str) -> str:
+    """'000003.tar' -> '000003_weights.parquet' (prep weights; read by prep train --weights)."""
+    return shard.removesuffix(SHARD_SUFFIX) + WEIGHTS_SUFFIX
+
+
 def stats_name(shard: str) -> str:
     """'000003.tar' -> '000003_stats.json' (written last: the shard is complete)."""
     return shard.removesuffix(SHARD_SUFFIX) + STATS_SUFFIX
@@ -262,7 +268,7 @@ def is_run_file(rel: str) -> bool:
     if folder in {shard_folder(split, domain) for split, domain in split_domains()}:
         if name in (SIZES, WIDS_INDEX):
             return True
-        for suffix in (SHARD_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX):
+        for suffix in (SHARD_SUFFIX, WEIGHTS_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX):
             base = name.removesuffix(suffix)
             if base != name and len(base) == SHARD_DIGITS and base.isdigit():
                 return True

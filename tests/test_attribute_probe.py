@@ -83,6 +83,25 @@ def test_a_label_is_doubted_only_against_a_confident_probe():
     assert doubts(labels, probabilities, 0.995) == ()
 
 
+def test_the_probe_leaves_inputs_that_are_not_faces_alone(tmp_path):
+    from prep.schemas.records import Sample
+    from prep.transforms.attribute_predict import ApplyAttributeProbe
+
+    tx, ty = _synthetic(300, 8, 6)
+    vx, vy = _synthetic(100, 8, 7)
+    fit(tx, ty[:, :2], vx, vy[:, :2], ["Male", "Young"]).save(str(tmp_path / "probe"))
+    fn = ApplyAttributeProbe(str(tmp_path / "probe"), 0.95, ". ")
+    fn.setup()
+    emb = np.asarray(vx[0], np.float32)
+    dog = Sample(key="lsun_a", source="lsun", domain="specific", path="x#a", embedding=emb, caption_vlm="a dog",
+                 caption="a dog")
+    face = dog.with_(key="folder_a_1", source="folder")
+    assert list(fn.process(dog)) == [dog]  # no face attributes on an object
+    [out] = fn.process(face)
+    assert out.attributes_source == "predicted" and set(out.attributes) == {"Male", "Young"}
+    assert out.caption_contradictions == ()  # the VLM-against-labels check is for labels
+
+
 # ------------------------------------------------------------------------ on real runs
 
 

@@ -117,6 +117,15 @@ def test_a_partial_run_of_other_settings_is_refused_naming_them(bigger_demo, tin
     assert "holds a partial run that differs: --refs-per-sample 4 -> 3, --seed 1 -> 2" in other.stderr, other.stderr
 
 
+def test_a_block_that_ends_normally_gives_the_handlers_back():
+    from prep.pipeline.interrupts import interruptible
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with interruptible():
+        assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_descendants_finds_children_and_grandchildren():
     child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
     try:

@@ -124,7 +124,8 @@ def test_page_is_one_self_contained_file(report):
     assert refs and all(r.startswith("data:") for r in refs), [r for r in refs if not r.startswith("data:")][:5]
     assert not re.search(r"https?://", html)
     assert "<link rel=\"stylesheet\"" not in html and "@import" not in html and "url(" not in html
-    assert html.count("<svg") == 5  # the five charts, inline
+    assert html.count("<svg") == 5 + 5  # the five distribution charts and the five bias-view charts, inline
+    assert html.count("bias-chart") == 5
     data = json.loads(re.search(r'<script type="application/json" id="summary-data">(.*?)</script>', html).group(1))
     assert data["counts"]["specific"] > 0
 

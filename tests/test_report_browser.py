@@ -114,3 +114,29 @@ def test_screenshot_is_not_blank(page, tmp_path):
     assert pixels.shape[:2] == (2000, 1280)
     assert pixels.std() > 20  # text, charts and thumbnails, not one flat colour
     assert len(np.unique(pixels.reshape(-1, 3)[::97], axis=0)) > 50
+
+
+def test_the_bias_view_renders_each_attribute_against_a_balanced_mix(page, pipeline_run, tmp_path):
+    """The bias charts (Male, Young, Pale_Skin, Attractive, Eyeglasses) in the rendered DOM, one
+    bar per split of the labelled CelebA samples, each share the one the shards hold."""
+    import json
+
+    import webdataset as wds
+
+    path, summary = page
+    dom, console = browse(path, tmp_path, "--dump-dom")
+    assert console == []
+    out = Path(pipeline_run["out"])
+    for name in ("Male", "Young", "Pale_Skin", "Attractive", "Eyeglasses"):
+        chart = re.search(rf'<svg[^>]*id="bias-{name}".*?</svg>', dom, flags=re.S)
+        assert chart, name
+        for folder in ("specific", "val/specific", "test/specific"):
+            values = [json.loads(s["json"])["attributes"][name]
+                      for tar in sorted((out / folder).glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)]
+            if not values:
+                continue
+            split = "train" if folder == "specific" else folder.split("/")[0]
+            share = sum(values) / len(values)
+            assert summary["attributes"][name][f"{split}/specific/labels"] == round(share, 4)
+            assert f"{split} specific · labels: {share:.1%} of {len(values)} samples" in chart.group(0)
+        assert "balanced (50%)" in chart.group(0)

@@ -175,6 +175,27 @@ def test_the_validator_knows_the_two_kinds(pipeline_run, tmp_path):
     assert any("augmented refs named" in p for p in report.problems), report.problems[:5]
 
 
+def test_many_singletons_travel_in_a_file_not_in_the_job_graph(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from prep.pipeline import build
+    from prep.pipeline.config import RunConfig
+    from prep.schemas.records import SourceItem
+
+    items = [SourceItem(key=f"folder_p{i}_0", source="folder", domain="specific", path=f"/p{i}/0.jpg",
+                        identity=f"p{i}") for i in range(5)]
+    items.append(SourceItem(key="folder_q_0", source="folder", domain="specific", path="/q/0.jpg", identity="q"))
+    items.append(SourceItem(key="folder_q_1", source="folder", domain="specific", path="/q/1.jpg", identity="q"))
+    config = RunConfig(inputs=["folder:/x"], out=str(tmp_path / "out"), singleton_refs="augment")
+    monkeypatch.setattr(build, "INLINE_ITEMS", 2)
+    views = build.view_maker(SimpleNamespace(config=config, items=items))
+    assert views._singletons == frozenset() and views._path.endswith("_plan/singletons.txt")
+    views.setup()
+    assert views._singletons == {f"folder_p{i}_0" for i in range(5)}  # q has two photos
+    monkeypatch.setattr(build, "INLINE_ITEMS", 100)
+    assert build.view_maker(SimpleNamespace(config=config, items=items))._singletons == views._singletons
+
+
 def test_the_stage_table_counts_views_apart_from_inputs():
     from prep.pipeline.console import stage_rows
 

@@ -34,6 +34,10 @@ def test_over_the_cap_the_largest_fields_go_first_and_are_named():
     assert len(json.dumps(capped, sort_keys=True).encode()) <= SOURCE_META_MAX_BYTES
 
 
+def test_nan_and_infinity_become_null_so_key_json_stays_json():
+    assert parse_source_meta(b'{"width": NaN, "height": Infinity, "url": "u"}') == {"width": None, "height": None, "url": "u"}
+
+
 @pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"\xff\xfe", b'"a string"'])
 def test_a_json_member_that_is_not_an_object_gives_none(raw):
     assert parse_source_meta(raw) is None
@@ -117,6 +121,7 @@ def test_exclude_drops_by_url_key_and_sha256_and_counts_reconcile(web, demo, tin
         metas[2]["sha256"].upper(),           # by img2dataset's sha256, any case
         hashlib.sha256(celeba_file.read_bytes()).hexdigest(),  # by the file's own sha256
         "https://example.invalid/never-seen.jpg",
+        metas[4]["key"],                      # a bare img2dataset key: repeats across downloads, never matched
         "",
     ]))
     inputs = [f"wds:{root}", f"celeba:{demo['celeba_dir']}"]

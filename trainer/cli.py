@@ -40,6 +40,8 @@ def train_cmd(
     omega: float = typer.Option(0.5, help="ω: probability of swapping o for a same-identity reference"),
     swap_refs: str = typer.Option("all", help="refs ω may swap in: all, or identity (never an augmented view "
                                               "of the sample itself; see --singleton-refs)"),
+    weights: bool = typer.Option(False, "--weights", help="sample the domain-specific shards by the weights "
+                                                        "`prep weights OUT --balance ...` wrote"),
     text_drop: float = typer.Option(0.1, help="probability of dropping the caption (classifier-free guidance)"),
     object_drop: float = typer.Option(0.0, help="probability of giving a domain-specific sample φ"),
     image_size: int = typer.Option(64),
@@ -70,7 +72,7 @@ def train_cmd(
     from prep.trainer.train import TrainConfig, train
 
     config = TrainConfig(
-        shards=shards, general=general, out=out, ratio=ratio, omega=omega, swap_refs=swap_refs, text_drop=text_drop,
+        shards=shards, general=general, out=out, ratio=ratio, omega=omega, swap_refs=swap_refs, weights=weights, text_drop=text_drop,
         object_drop=object_drop, image_size=image_size, batch_size=batch_size, lr=lr, min_lr=min_lr,
         warmup=warmup, decay_steps=decay_steps, max_steps=max_steps, seed=seed, device=device,
         threads=threads, num_workers=num_workers, log_every=log_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every,

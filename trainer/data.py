@@ -34,6 +34,7 @@ object array is an error), images with PIL only; webdataset's decoders are not u
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -67,12 +68,29 @@ IDENTITY_REF = contract.REF_KINDS[0]  # "identity": another photo; "augmented": 
 # standing in where an object has no second photo), or only "identity" rows.
 SWAP_REFS = ("all", "identity")
 # Stream tags: independent random streams derived from one seed.
-_TAG_SHARD_ORDER, _TAG_SHUFFLE, _TAG_MIX, _TAG_AUGMENT = 1, 2, 3, 4
+_TAG_SHARD_ORDER, _TAG_SHUFFLE, _TAG_MIX, _TAG_AUGMENT, _TAG_WEIGHTS = 1, 2, 3, 4, 5
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
     """A generator that depends only on (seed, *key)."""
     return np.random.default_rng([seed, *key])
+
+
+def _counted(samples: Iterator[dict], read: list) -> Iterator[dict]:
+    for sample in samples:
+        read[0] += 1
+        yield sample
+
+
+def read_weights(folder: str) -> dict[str, float]:
+    """key -> sampling weight from the `*_weights.parquet` files beside one folder's shards."""
+    import pyarrow.parquet as pq
+
+    weights: dict[str, float] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*" + contract.WEIGHTS_SUFFIX))):
+        table = pq.read_table(path, columns=["key", "weight"]).to_pydict()
+        weights.update(zip(table["key"], table["weight"]))
+    return weights
 
 
 def list_shards(directory: Optional[str]) -> list[str]:
@@ -168,6 +186,7 @@ class TripletStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 256,
         start_batch: int = 0,
         swap_refs: str = "all",
+        weights: bool = False,
     ):
         super().__init__()
         if swap_refs not in SWAP_REFS:
@@ -183,6 +202,12 @@ class TripletStream(torch.utils.data.IterableDataset):
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {epochs}")
         self.shards = {SPECIFIC: list_shards(specific), GENERAL: list_shards(general)}
+        self.weights: Optional[dict[str, float]] = None
+        if weights:
+            self.weights = read_weights(specific)
+            if not self.weights:
+                raise ValueError(f"no *{contract.WEIGHTS_SUFFIX} beside the shards in {specific!r}: write them with "
+                                 "`prep weights OUT --balance ATTR,...` first")
         # A domain that is never drawn need not exist.
         if ratio > 0 and not self.shards[SPECIFIC]:
             raise ValueError(f"no domain-specific shards (*.tar) in {specific!r}; ratio={ratio} needs them")
@@ -198,7 +223,7 @@ class TripletStream(torch.utils.data.IterableDataset):
 
     # -- raw samples of one domain, for one slot ------------------------------------------
 
-    def _domain_epoch(self, domain: str, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def _domain_epoch(self, domain: str, epoch: int, slot: int, slots: int, read: Optional[list] = None) -> Iterator[dict]:
         """This slot's share of one pass over a domain, shuffled; raw (undecoded) samples."""
         shards = self.shards[domain]
         tag = _DOMAIN_TAG[domain]
@@ -209,19 +234,33 @@ class TripletStream(torch.utils.data.IterableDataset):
         samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in mine]))
         if not by_shard:
             samples = (s for ordinal, s in enumerate(samples) if ordinal % slots == slot)
+        if read is not None:
+            samples = _counted(samples, read)
+        if domain == SPECIFIC and self.weights is not None:
+            samples = self._weighted(samples, epoch)
         shuffle_seed = int(_rng(self.seed, _TAG_SHUFFLE, tag, epoch, slot, slots).integers(2**63))
         initial = min(self.shuffle_buffer, 64)
         yield from wds.shuffle(self.shuffle_buffer, initial, rng=random.Random(shuffle_seed))(iter(samples))
+
+    def _weighted(self, samples: Iterator[dict], epoch: int) -> Iterator[dict]:
+        """Each sample floor(w) times, and once more with probability frac(w), w its weight
+        (`prep weights`): a weighted epoch, drawn from (seed, epoch, key) alone. A sample the
+        weights do not list keeps weight 1."""
+        for sample in samples:
+            w = self.weights.get(sample["__key__"], 1.0)
+            key = int.from_bytes(hashlib.sha256(sample["__key__"].encode("utf-8")).digest()[:8], "little")
+            u = _rng(self.seed, _TAG_WEIGHTS, epoch, key).random()
+            for _ in range(int(w) + (u < w - int(w))):
+                yield sample
 
     def _domain(self, domain: str, slot: int, slots: int) -> Iterator[dict]:
         """Passes over a domain, one after another (forever when epochs is None)."""
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            n = 0
-            for sample in self._domain_epoch(domain, epoch, slot, slots):
-                n += 1
+            read = [0]  # samples read from the shards this epoch, before weighting (which may draw none)
+            for sample in self._domain_epoch(domain, epoch, slot, slots, read):
                 yield sample
-            if n == 0:
+            if read[0] == 0:
                 if self.epochs is None:
                     log.warning("slot %d of %d holds no %s samples: it draws only the other domain", slot, slots, domain)
                 return

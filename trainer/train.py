@@ -60,6 +60,7 @@ class TrainConfig:
     ratio: float = 0.3
     omega: float = 0.5
     swap_refs: str = "all"  # or "identity": ω never swaps in an augmented view (trainer/data.py)
+    weights: bool = False  # sample the specific domain by `prep weights`' per-sample weights
     text_drop: float = 0.1
     object_drop: float = 0.0
     image_size: int = 64
@@ -284,6 +285,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         os.path.join(c.shards, contract.shard_folder(contract.TRAIN, contract.SPECIFIC)), c.general, ratio=c.ratio, omega=c.omega, text_drop=c.text_drop,
         object_drop=c.object_drop, image_size=c.image_size, batch_size=c.batch_size, embed_dim=c.embed_dim,
         seed=c.seed, shuffle_buffer=c.shuffle_buffer, start_batch=step, swap_refs=c.swap_refs,
+        weights=c.weights,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=c.num_workers)
     batches = iter(loader) if step < c.max_steps else iter(())

@@ -1,5 +1,6 @@
-"""`prep run --attribute-model PROBE`: the attribute probe (models/attribute_probe.py) on each
-specific sample's object embedding, right after the embed stage.
+"""`prep run --attribute-model PROBE`: the attribute probe (models/attribute_probe.py) on the
+object embedding of each specific sample of a face input kind (`--attribute-kinds`, default
+celeba and folder; never an object photo unless asked), right after the embed stage.
 
 - A sample without labels gets the predicted attributes (`attributes_source` "predicted") and an
   attribute caption made from them exactly as label-made captions are (transforms/attributes.py),
@@ -45,7 +46,8 @@ def apply_probe(sample: Sample, probe: AttributeProbe, doubt: float, sep: str) -
     if not sample.attributes:
         with_labels = sample.with_(attributes=predicted, attributes_source=PREDICTED,
                                    attribute_probabilities=probabilities)
-        return add_attribute_caption(with_labels, sep)
+        # The caption is rebuilt as labels build it; the VLM-against-labels check is for labels only.
+        return add_attribute_caption(with_labels, sep).with_(caption_contradictions=())
     return sample.with_(attributes_source=LABELS, attribute_probabilities=probabilities,
                         attribute_doubts=doubts(sample.attributes, probabilities, doubt))
 
@@ -54,17 +56,22 @@ class ApplyAttributeProbe(beam.DoFn):
     """Specific samples -> the same samples with predicted or checked attributes (see above).
     The probe (a few KB to a few hundred KB) is loaded once per DoFn instance."""
 
-    def __init__(self, path: str, doubt: float, sep: str):
-        self._path, self._doubt, self._sep = path, doubt, sep
+    def __init__(self, path: str, doubt: float, sep: str, kinds: frozenset[str] = frozenset({"celeba", "folder"})):
+        self._path, self._doubt, self._sep, self._kinds = path, doubt, sep, frozenset(kinds)
         self._probe = None
         self._predicted = counter("attributes", "predicted")
         self._checked = counter("attributes", "checked")
         self._doubted = counter("attributes", "doubted")
+        self._other = counter("attributes", "not_faces")
 
     def setup(self):
         self._probe = AttributeProbe.load(self._path)
 
     def process(self, sample: Sample) -> Iterator[Sample]:
+        if sample.source not in self._kinds:  # not faces (lsun: objects): a face probe says nothing of them
+            self._other.inc()
+            yield sample
+            return
         out = apply_probe(sample, self._probe, self._doubt, self._sep)
         if out.attributes_source == PREDICTED:
             self._predicted.inc()

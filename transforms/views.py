@@ -94,10 +94,19 @@ class MakeViews(beam.DoFn):
     `every_kind`: source kinds whose every sample is its own object (lsun); `singletons`: the
     keys of the other samples that get views (planned singletons of kinds set to augment)."""
 
-    def __init__(self, k: int, seed: int, every_kind: frozenset[str], singletons: frozenset[str]):
+    def __init__(self, k: int, seed: int, every_kind: frozenset[str], singletons: frozenset[str],
+                 singletons_path: Optional[str] = None):
         self._k, self._seed = k, seed
         self._every_kind, self._singletons = every_kind, singletons
+        self._path = singletons_path  # many singletons: one key per line, read at setup (not in the job graph)
         self._made = counter("views", "made")
+
+    def setup(self):
+        if self._path is not None:
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(self._path) as f:
+                self._singletons = frozenset(f.read().decode("utf-8").split())
 
     def wants(self, sample: Sample) -> bool:
         return sample.source in self._every_kind or sample.key in self._singletons

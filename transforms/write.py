@@ -168,6 +168,8 @@ class ShardRow:
     contradicted: tuple[str, ...] = ()  # attributes the caption contradicts
     url: Optional[str] = None  # source_meta's url (img2dataset), for takedowns by URL
     doubted: tuple[str, ...] = ()  # attributes whose label the probe doubts
+    attributes: tuple[tuple[str, bool], ...] = ()  # (name, value), sorted: the bias view (prep inspect)
+    attributes_source: Optional[str] = None  # "labels" / "predicted"
 
     @property
     def caption_words(self) -> int:
@@ -208,6 +210,8 @@ class ShardRow:
             contradicted=tuple(c["attribute"] for c in meta.get("caption_contradictions") or ()),
             url=source_url(meta.get("source_meta")),
             doubted=tuple(d["attribute"] for d in meta.get("attribute_doubts") or ()),
+            attributes=tuple(sorted((str(k), bool(v)) for k, v in (meta.get("attributes") or {}).items())),
+            attributes_source=meta.get("attributes_source") or ("labels" if meta.get("attributes") else None),
         )
 
 
@@ -262,6 +266,20 @@ def contradiction_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     return _tally(attribute for row in rows for attribute in row.contradicted)
 
 
+def attribute_counts(rows: Sequence[ShardRow]) -> dict[str, dict]:
+    """{source: {"samples": n, "true": {attribute: samples where it is true}}} per attribute
+    source ("labels", "predicted"): what the bias view of `prep inspect` adds up per split."""
+    found: dict[str, dict] = {}
+    for row in rows:
+        if not row.attributes or row.attributes_source is None:
+            continue
+        entry = found.setdefault(row.attributes_source, {"samples": 0, "true": {}})
+        entry["samples"] += 1
+        for name, value in row.attributes:
+            entry["true"][name] = entry["true"].get(name, 0) + int(value)
+    return {s: {"samples": e["samples"], "true": dict(sorted(e["true"].items()))} for s, e in sorted(found.items())}
+
+
 def doubt_counts(rows: Sequence[ShardRow]) -> dict[str, int]:
     """attribute -> rows whose label the attribute probe doubts."""
     return _tally(attribute for row in rows for attribute in row.doubted)
@@ -284,6 +302,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
     flags = caption_flag_counts(rows)
     contradicted = contradiction_counts(rows)
     doubted = doubt_counts(rows)
+    attributes = attribute_counts(rows)
     return {
         "schema_version": contract.SCHEMA_VERSION,
         "shard": shard,
@@ -312,6 +331,7 @@ def shard_stats(rows: Sequence[ShardRow], *, shard: str, domain: str, tar_size: 
         **({"caption_flags": flags} if flags else {}),  # only when a flagged caption was kept
         **({"caption_contradictions": contradicted} if contradicted else {}),
         **({"attribute_doubts": doubted} if doubted else {}),
+        **({"attributes": attributes} if attributes else {}),  # per source: samples, and true per attribute
     }
 
 

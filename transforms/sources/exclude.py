@@ -2,8 +2,9 @@
 lines starting with '#' are skipped): a URL, a sample key, a source's own key, or a sha256.
 
 An input matches when any of these equals a listed value:
-- its sample key (`wds_000000003`, `celeba_000001`, `lsun_<key>`) or its key in the source
-  (the tar member's key, LSUN's record key);
+- its sample key (`wds_000000003`, `celeba_000001`, `lsun_<record key>`: the source's own key
+  under its input's namespace; a bare img2dataset key such as `000000003` repeats across
+  downloads, so it is not matched);
 - its source metadata's `url` or `sha256` (img2dataset's KEY.json);
 - the sha256 of the bytes read (64 hex digits, any case: what `sha256sum` prints for the file).
 
@@ -42,10 +43,8 @@ def read_exclude_list(path: str) -> frozenset[str]:
 
 def match(sample: Sample, listed: frozenset[str], with_digest: bool) -> Optional[tuple[str, str]]:
     """(what matched, the value) for a listed sample, else None."""
-    origin = sample.origin or {}
     meta = sample.source_meta or {}
-    candidates = [("key", sample.key), ("source key", origin.get("member") or origin.get("key")),
-                  ("url", meta.get("url")), ("sha256", meta.get("sha256"))]
+    candidates = [("key", sample.key), ("url", meta.get("url")), ("sha256", meta.get("sha256"))]
     for what, value in candidates:
         if isinstance(value, str) and value:
             found = value.lower() if what == "sha256" else value

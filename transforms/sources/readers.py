@@ -60,7 +60,8 @@ def parse_source_meta(raw: bytes) -> Optional[dict]:
     """A KEY.json member as an object, capped (None when it is not a JSON object: the image
     is still good, so the sample is kept, and counted)."""
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        # NaN / Infinity (pandas' missing values in img2dataset's JSON) are not JSON: null.
+        meta = json.loads(raw.decode("utf-8"), parse_constant=lambda _: None)
     except (UnicodeDecodeError, ValueError):
         return None
     return capped_source_meta(meta) if isinstance(meta, dict) else None
