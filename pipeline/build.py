@@ -30,6 +30,7 @@ from prep.pipeline.fingerprint import (
 from prep.pipeline.gpu_plan import caption_copies
 from prep.pipeline.outputs import WriteDeadLetters, WriteDigests, WriteManifest
 from prep.pipeline.resume import Continuation
+from prep.pipeline.reuse import ReusePlan, join_previous, plan_reuse, stage_fingerprints, stage_or_reuse
 from prep.pipeline.splits import SPLITS, TRAIN, assign_splits
 from prep.schemas import contract
 from prep.schemas.records import (
@@ -88,6 +89,7 @@ class RunPlan:
     fingerprints: Optional[dict[str, dict]] = None  # set once by hash_model_weights()
     digests_out: Optional[str] = None  # a chunk of a chunked run: where its (pixel digest, key) pairs go
     beam_options: list[str] = field(default_factory=list)  # as given (secrets redacted), for the manifest
+    reuse: Optional[ReusePlan] = None  # --reuse PREV_OUT, once planned (pipeline/reuse.py)
 
     @property
     def launch_inputs(self) -> int:
@@ -137,10 +139,15 @@ class RunPlan:
             "sources": [r.to_json() for r in self.reports],
             "warnings": list(self.warnings),
             "splits": self.split_counts(),
+            "stage_fingerprints": self.stage_fingerprints(),
         }
         if self.beam_options:  # contract v1 addition: present when Beam options were given
             header["beam_options"] = list(self.beam_options)
         return header
+
+    def stage_fingerprints(self) -> dict:
+        """What decides each reusable stage's output (pipeline/reuse.py), as the manifest records it."""
+        return stage_fingerprints(self.config.to_json(), self.models_header(), self.models.mask_min_fraction)
 
     def split_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -334,6 +341,22 @@ class _FinishGeneral(beam.DoFn):
         yield null_refs(sample.with_(caption=caption, embedding=null_embedding(self._dim)), self._dim)
 
 
+def reuse_plan(plan: RunPlan) -> Optional[ReusePlan]:
+    """--reuse PREV_OUT: the stages whose fingerprints match PREV_OUT's (pipeline/reuse.py)."""
+    if not plan.config.reuse:
+        return None
+    if plan.reuse is None:
+        plan.reuse = plan_reuse(plan.config.reuse, plan.stage_fingerprints())
+    return plan.reuse
+
+
+def _stage(samples, stage: str, handler, label: str, reuse: Optional[ReusePlan]):
+    """One model stage; with --reuse, the samples that reuse its output pass it by."""
+    if reuse is None or stage not in reuse.stages:
+        return samples | label >> ModelStage(handler)
+    return stage_or_reuse(samples, stage, lambda todo: todo | label >> ModelStage(handler), label)
+
+
 def view_maker(plan: RunPlan) -> Optional[MakeViews]:
     """The views DoFn when some input kind's singletons get augmented refs, else None (the
     graph is then what it always was)."""
@@ -425,12 +448,14 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         decode, keep_pixels=keep, reads=reads, identity_modes=plan.models.identity,
         identity_staged=frozenset(plan.identity))).with_outputs(DEAD, main="ok")
     letters.append(decoded[DEAD])
-    specific, general = decoded.ok | "SplitDomains" >> beam.Partition(_by_domain, 2)
+    reuse = reuse_plan(plan)
+    usable = join_previous(decoded.ok, reuse) if reuse is not None else decoded.ok
+    specific, general = usable | "SplitDomains" >> beam.Partition(_by_domain, 2)
 
     # Caption (VLM) -> attribute caption. General images are captioned only if asked.
     if cfg.caption_general:
         specific = (specific, general) | "ToCaption" >> beam.Flatten()
-    captioned, failed = specific | "Caption" >> ModelStage(plan.caption)
+    captioned, failed = _stage(specific, "caption", plan.caption, "Caption", reuse)
     letters.append(failed)
     if cfg.caption_general:
         specific, general = captioned | "SplitCaptioned" >> beam.Partition(_by_domain, 2)
@@ -445,9 +470,9 @@ def build_pipeline(p: beam.Pipeline, plan: RunPlan, resume: Optional[Continuatio
         specific = specific | "SingletonViews" >> beam.ParDo(views)
 
     # Mask -> embed the masked object -> pair with same-identity samples.
-    specific, failed = specific | "Mask" >> ModelStage(plan.mask)
+    specific, failed = _stage(specific, "mask", plan.mask, "Mask", reuse)
     letters.append(_not_views(failed, "Mask") if views is not None else failed)
-    specific, failed = specific | "Embed" >> ModelStage(plan.embed)
+    specific, failed = _stage(specific, "embed", plan.embed, "Embed", reuse)
     letters.append(_not_views(failed, "Embed") if views is not None else failed)
     if views is not None:
         specific, embedded_views = specific | "SplitViews" >> beam.Partition(_view_or_not, 2)

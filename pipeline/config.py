@@ -107,6 +107,10 @@ class RunConfig:
         help="celeba:DIR, folder:DIR, wds:PATTERN, wds:DIR or lsun:DIR (repeatable); NAME=KIND:LOC names an input (its "
         "keys start with NAME_)", flags=("--input", "-i"))
     out: str = option(panel=PANEL_IO, help="output directory (local path or gs://...)", flags=("--out", "-o"))
+    reuse: Optional[str] = option(
+        None, panel=PANEL_IO, digest=False, metavar="PREV_OUT",
+        help="take each stage's output from an earlier output where its model, options and input pixels are the "
+        "same (caption, mask, embed); the shards are those of a fresh run")
     exclude: Optional[str] = option(
         None, panel=PANEL_IO, metavar="FILE",
         help="takedowns: a file of URLs, keys or sha256 values, one per line; matching inputs are dropped at "
@@ -249,6 +253,9 @@ class RunConfig:
             problems.append("--out is required")
         if self.preset not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.reuse and self.out and os.path.abspath(self.reuse.rstrip("/")) == os.path.abspath(self.out.rstrip("/")):
+            problems.append("--reuse names --out itself; write to a new folder and reuse the old one (replacing an "
+                            "output in place is not supported yet)")
         if self.singleton_refs is not None and self.singleton_refs not in SINGLETON_REFS:
             problems.append(f"--singleton-refs must be one of {', '.join(SINGLETON_REFS)}, not {self.singleton_refs!r}")
         if not set(self.attribute_kind_set()) <= {"celeba", "folder", "lsun"}:

@@ -430,7 +430,8 @@ def stage_rows(manifest: dict) -> list[tuple[str, Optional[int], Optional[int], 
     views = counters.get("views.made", 0)
     not_inputs = {"mask": views, "embed": views - counters.get("views.failed_mask", 0)}
     for stage in ("decode", "caption", "mask", "embed", "identity"):
-        entered = counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0) - not_inputs.get(stage, 0)
+        entered = (counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0) - not_inputs.get(stage, 0)
+                   + counters.get(f"reuse.{stage}_reused", 0))  # --reuse: taken from PREV_OUT, not computed
         d = dead.pop(stage, 0)
         if counters and entered:
             rows.append((stage, entered, entered - d, d))

@@ -52,6 +52,7 @@ from prep.pipeline.resume import (
     scan_for_retry,
     write_run_state,
 )
+from prep.atomic import write_atomic
 from prep.schemas import contract
 from prep.transforms.common import progress_note, progress_plan
 
@@ -199,14 +200,15 @@ def run(
         pool = 1 if sets_direct_options(beam_args) else workers  # the user's own Beam mode, chunk by chunk
         run_chunk = functools.partial(_run_chunk, beam_args=beam_args if pool > 1 else worker_args(workers, beam_args))
         manifest, counters = chunks.run_chunks(out, plan, parts, run_chunk, workers=pool)
-        return {**manifest, "stage_counters": counters}
+        return {**record_reuse(out, plan, manifest, counters), "stage_counters": counters}
     if local:
         beam_args = worker_args(workers, beam_args)
     result = _run_pipeline(plan, resume, beam_args, wait=wait)
     if not wait:
         return None
     # Not in manifest.json: this run's Beam counters, for the summary's per-stage table.
-    manifest = {**read_manifest(config.out), "stage_counters": stage_counters(result)}
+    counters = stage_counters(result)
+    manifest = {**record_reuse(out, plan, read_manifest(config.out), counters), "stage_counters": counters}
     if resume is not None and retry_dead_letter:
         clear_retry_plan(out)  # the manifest now covers the retry's shards and dead letters
         manifest = {**manifest, "retried": len(resume.only_keys)}
@@ -269,6 +271,27 @@ def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
     return result
 
 
+def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
+    """--reuse: the manifest records `reused_from` (PREV_OUT's manifest sha256, and per stage
+    the samples reused and computed); rewritten atomically once the run is complete."""
+    if not plan.config.reuse:
+        return manifest
+    from prep.pipeline.reuse import REUSED_STAGES, plan_reuse
+
+    reuse = plan.reuse or plan_reuse(plan.config.reuse, plan.stage_fingerprints())
+    stages = {}
+    for stage in REUSED_STAGES:
+        computed = counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0)
+        if stage in ("mask", "embed"):
+            computed -= counters.get("views.made", 0) - (counters.get("views.failed_mask", 0) if stage == "embed" else 0)
+        stages[stage] = {"reused": counters.get(f"reuse.{stage}_reused", 0), "computed": max(computed, 0)}
+    manifest = {**manifest, "reused_from": {"out": reuse.prev, "manifest_sha256": reuse.manifest_sha256,
+                                            "stages": stages, "notes": list(reuse.notes)}}
+    write_atomic(f"{out.rstrip('/')}/{contract.MANIFEST}",
+                 (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    return manifest
+
+
 def format_summary(manifest: dict, out: str) -> str:
     """The end of `prep run`: the per-stage table (pipeline/console.py: stage_rows; its numbers
     are the manifest's), where the shards went, identity totals, dead letters by reason, sources.
@@ -308,6 +331,11 @@ def format_summary(manifest: dict, out: str) -> str:
         lines.append("caption words against the labels: "
                      + ", ".join(f"{attr} {n}" for attr, n in contradicted.items()) + " (prep inspect lists them)")
     counters = manifest.get("stage_counters") or {}
+    reused = manifest.get("reused_from")
+    if reused:
+        lines.append(f"reused from {reused['out']}: " + ", ".join(
+            f"{stage} {s['reused']} reused / {s['computed']} computed" for stage, s in reused["stages"].items()))
+        lines += [f"  {note}" for note in reused.get("notes") or []]
     if counters.get("attributes.predicted"):
         lines.append(f"attributes predicted by the probe for {counters['attributes.predicted']} unlabelled sample(s)")
     doubted = manifest.get("attribute_doubts") or {}

@@ -103,6 +103,7 @@ class Sample:
     refs: Optional[np.ndarray] = None  # float32 [K, D]
     ref_kinds: tuple[str, ...] = ()  # per ref: "identity" or "augmented" (transforms/views.py); () = all identity
     view_of: Optional[str] = None  # an augmented view of that sample (transforms/views.py), never written
+    reused: tuple[str, ...] = ()  # stages whose output came from --reuse PREV_OUT (pipeline/reuse.py)
     verdict: Optional[object] = None  # transforms.verify.Verdict, attached with the refs
 
     def with_(self, **changes) -> "Sample":

@@ -118,7 +118,8 @@ class MakeViews(beam.DoFn):
         for j in range(self._k):
             self._made.inc()
             yield sample.with_(key=view_key(sample.key, j), image_jpeg=view_jpeg(sample.image_jpeg, self._seed, sample.key, j),
-                               view_of=sample.key, caption=None, caption_vlm=None, caption_attributes=None)
+                               view_of=sample.key, caption=None, caption_vlm=None, caption_attributes=None,
+                               reused=())
 
 
 def view_entry(view: Sample) -> tuple[str, tuple[int, np.ndarray]]:
