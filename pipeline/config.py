@@ -234,6 +234,10 @@ class RunConfig:
             parsed["inputs"] = list(parsed["inputs"])
         return cls(**parsed)
 
+    def reuses_out(self) -> bool:
+        """--reuse names --out itself: the new output replaces it once complete (pipeline/run.py)."""
+        return bool(self.reuse) and os.path.abspath(self.reuse.rstrip("/")) == os.path.abspath(self.out.rstrip("/"))
+
     def attribute_kind_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.attribute_kinds.split(",") if k.strip())
 
@@ -253,9 +257,9 @@ class RunConfig:
             problems.append("--out is required")
         if self.preset not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.reuse and self.out and os.path.abspath(self.reuse.rstrip("/")) == os.path.abspath(self.out.rstrip("/")):
-            problems.append("--reuse names --out itself; write to a new folder and reuse the old one (replacing an "
-                            "output in place is not supported yet)")
+        if self.reuse and self.out and self.reuses_out() and "://" in self.out:
+            problems.append("--reuse naming --out itself works on local folders only (the new output replaces the old "
+                            "by renaming); on an object store write to a new prefix and --reuse the old one")
         if self.singleton_refs is not None and self.singleton_refs not in SINGLETON_REFS:
             problems.append(f"--singleton-refs must be one of {', '.join(SINGLETON_REFS)}, not {self.singleton_refs!r}")
         if not set(self.attribute_kind_set()) <= {"celeba", "folder", "lsun"}:

@@ -16,11 +16,13 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from prep.atomic import write_atomic
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
 from prep.pipeline.build import (
     build_pipeline,
     clear_output,
+    _files_under,
     foreign_files,
     output_exists,
     plan_run,
@@ -52,7 +54,6 @@ from prep.pipeline.resume import (
     scan_for_retry,
     write_run_state,
 )
-from prep.atomic import write_atomic
 from prep.schemas import contract
 from prep.transforms.common import progress_note, progress_plan
 
@@ -124,6 +125,8 @@ def run(
     memory plan, and raises before anything is written.
     """
     config.validate()
+    if config.reuses_out():
+        return _run_in_place(config, beam_args, wait=wait, checked=checked)
     check_options(PipelineOptions(list(beam_args or [])))  # before anything is written
     checked = checked or preflight(config, beam_args or [])
     for warning in checked.warnings():
@@ -271,6 +274,51 @@ def _run_pipeline(plan, resume, beam_args: Sequence[str], wait: bool = True):
     return result
 
 
+IN_PLACE_SUFFIX = ".reuse-new"  # OUT + this: where `--reuse OUT --out OUT` writes before it replaces OUT
+
+
+def _run_in_place(config: RunConfig, beam_args, *, wait: bool, checked) -> Optional[dict]:
+    """`--reuse OUT --out OUT`: the run writes OUT.reuse-new, reusing OUT; only once that is
+    complete does it replace OUT (renames; the old output is removed last). Interrupted, OUT is
+    untouched and the same command resumes OUT.reuse-new. OUT must be a complete output holding
+    only prep's files (the user's own files would not follow the rename)."""
+    import dataclasses
+
+    from prep.schemas.output import read_bytes
+
+    out = config.out.rstrip("/")
+    if not FileSystems.exists(f"{out}/{contract.MANIFEST}"):
+        raise OutputExists(f"--reuse {config.reuse}: {out} holds no complete run (manifest.json) to reuse")
+    foreign = [rel for rel in _files_under(out) if not contract.is_run_file(rel) and rel != contract.DATASET_CARD]
+    if foreign:
+        raise OutputExists(f"--reuse {out} --out {out}: {out} also holds files that are not prep's "
+                           f"({', '.join(foreign[:5])}); write to a new folder instead")
+    new = out + IN_PLACE_SUFFIX
+    staged = dataclasses.replace(config, out=new, reuse=out)
+    manifest = run(staged, beam_args, wait=wait, checked=checked)
+    if manifest is None:
+        return None
+    old = f"{out}.reuse-old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+    # The manifest and run state name the folder they were written in: name the final one.
+    for name in (contract.MANIFEST, contract.RUN_STATE):
+        path = f"{out}/{name}"
+        if FileSystems.exists(path):
+            data = json.loads(read_bytes(path))
+            data["config"]["out"] = config.out
+            if name == contract.MANIFEST and "reused_from" in data:
+                data["reused_from"]["in_place"] = True
+            write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    notice(f"{out}: replaced by the new output (reused from itself)")
+    fixed = {**manifest, "config": {**manifest["config"], "out": config.out}}
+    if "reused_from" in fixed:
+        fixed["reused_from"] = {**fixed["reused_from"], "in_place": True}
+    return fixed
+
+
 def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
     """--reuse: the manifest records `reused_from` (PREV_OUT's manifest sha256, and per stage
     the samples reused and computed); rewritten atomically once the run is complete."""
@@ -286,7 +334,8 @@ def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
             computed -= counters.get("views.made", 0) - (counters.get("views.failed_mask", 0) if stage == "embed" else 0)
         stages[stage] = {"reused": counters.get(f"reuse.{stage}_reused", 0), "computed": max(computed, 0)}
     manifest = {**manifest, "reused_from": {"out": reuse.prev, "manifest_sha256": reuse.manifest_sha256,
-                                            "stages": stages, "notes": list(reuse.notes)}}
+                                            "stages": stages, "notes": list(reuse.notes),
+                                            "unreadable": counters.get("reuse.prev_unreadable", 0)}}
     write_atomic(f"{out.rstrip('/')}/{contract.MANIFEST}",
                  (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
     return manifest

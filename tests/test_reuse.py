@@ -89,7 +89,36 @@ def test_a_damaged_or_older_prev_out_is_recomputed_never_reused(pipeline_run, de
     assert any("before stage fingerprints" in note for note in manifest["reused_from"]["notes"])
 
 
-def test_reuse_of_the_output_itself_is_refused(demo, tiny_cache, tmp_path):
-    config = demo_config(demo, str(tmp_path / "out"), tiny_cache, reuse=str(tmp_path / "out/"))
-    with pytest.raises(ValueError, match="--reuse names --out itself"):
+def test_a_new_identity_threshold_recomputes_only_verification_and_pairing(pipeline_run, demo, tiny_cache, tmp_path):
+    fresh, reused = _run_both(demo, tiny_cache, tmp_path, pipeline_run["out"], identity_threshold=0.3)
+    n = reused["counts"]["specific"]
+    assert _stages(reused) == {"caption": (n, 0), "mask": (n, 0), "embed": (n, 0)}
+    assert fresh["identity"]["totals"] != pipeline_run["manifest"]["identity"]["totals"]  # the threshold mattered
+
+
+def test_reusing_the_output_itself_replaces_it_only_once_complete(pipeline_run, demo, tiny_cache, tmp_path):
+    from prep.pipeline.run import IN_PLACE_SUFFIX, OutputExists
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_run["out"], out)
+    changes = dict(caption_prompt="a picture showing", caption_on_bad="keep")
+    fresh = tmp_path / "fresh"
+    run(demo_config(demo, str(fresh), tiny_cache, **changes), [])
+    manifest = run(demo_config(demo, str(out), tiny_cache, reuse=str(out), **changes), [])
+    assert_same_output(str(fresh), str(out))
+    n = manifest["counts"]["specific"]
+    assert _stages(manifest) == {"caption": (0, n), "mask": (n, 0), "embed": (n, 0)}
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["config"]["out"] == str(out) and written["reused_from"]["in_place"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]  # no staging folder left
+    assert not Path(str(out) + IN_PLACE_SUFFIX).exists()
+
+    (out / "notes.txt").write_text("mine")  # a file of the user's would not follow the rename
+    with pytest.raises(OutputExists, match="not prep's"):
+        run(demo_config(demo, str(out), tiny_cache, reuse=str(out)), [])
+
+
+def test_reuse_of_an_object_store_output_in_place_is_refused(demo, tiny_cache):
+    config = demo_config(demo, "gs://bucket/out", tiny_cache, reuse="gs://bucket/out")
+    with pytest.raises(ValueError, match="local folders only"):
         config.validate()
