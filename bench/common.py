@@ -156,3 +156,21 @@ def feed_by_key(p, samples):
     _BY_KEY.update((s.key, s) for s in samples)
     return (p | "Keys" >> beam.Create([s.key for s in samples], reshuffle=False)
             | "Samples" >> beam.Map(lookup))
+
+
+def fixed_threads(threads: int) -> dict[str, str]:
+    """Every thread-count variable prep's workers read (pipeline/local.py THREAD_ENV) set to
+    `threads`: a benchmark's runs then use the same count whatever the caller's environment."""
+    from prep.pipeline.local import THREAD_ENV
+
+    return {name: str(threads) for name in THREAD_ENV}
+
+
+def timed_prep_run(args: Sequence[str], env: dict) -> float:
+    """Seconds of one `prep run ARGS` in a fresh process; exits with its stderr if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "prep.cli", "run", *args], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return seconds

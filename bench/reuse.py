@@ -19,20 +19,9 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-
-def _run(args: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prep.cli", "run", *args], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    return seconds
 
 
 def _same_shards(a: Path, b: Path) -> bool:
@@ -48,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
+    from bench.common import fixed_threads, timed_prep_run
     from prep.demo import write_demo_data
     from prep.models.tiny import ensure_tiny_models
 
@@ -63,11 +53,10 @@ def main(argv=None) -> int:
     contents = [p.read_bytes() for p in picked]
     for path, content in zip(picked, contents[1:] + contents[:1]):
         path.write_bytes(content)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "PREP_THREADS": str(args.threads)}
+    env = {**os.environ, **fixed_threads(args.threads)}
     base = ["--preset", "tiny", "--model-cache", cache, "--workers", "1", "--no-progress", "--overwrite"]
     prev = work / "prev"
-    first = _run(["--input", f"celeba:{data['celeba_dir']}", "--out", str(prev), *base], env)
+    first = timed_prep_run(["--input", f"celeba:{data['celeba_dir']}", "--out", str(prev), *base], env)
     print(json.dumps({"run": "prev", "images": len(images), "seconds": round(first, 2)}), flush=True)
     cases = {
         "a_nothing_changed": (data["celeba_dir"], []),
@@ -78,8 +67,8 @@ def main(argv=None) -> int:
     for round_ in range(args.rounds):
         for name, (celeba, extra) in cases.items():
             fresh, reused = work / f"{name}-fresh", work / f"{name}-reuse"
-            t_fresh = _run(["--input", f"celeba:{celeba}", "--out", str(fresh), *base, *extra], env)
-            t_reuse = _run(["--input", f"celeba:{celeba}", "--out", str(reused), *base, *extra, "--reuse", str(prev)], env)
+            t_fresh = timed_prep_run(["--input", f"celeba:{celeba}", "--out", str(fresh), *base, *extra], env)
+            t_reuse = timed_prep_run(["--input", f"celeba:{celeba}", "--out", str(reused), *base, *extra, "--reuse", str(prev)], env)
             same = _same_shards(fresh, reused)
             stages = json.loads((reused / "manifest.json").read_text())["reused_from"]["stages"]
             results[name]["fresh"].append(t_fresh)

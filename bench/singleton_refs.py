@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 
 def main(argv=None) -> int:
@@ -31,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
+    from bench.common import fixed_threads, timed_prep_run
     from prep.demo import write_demo_data
     from prep.models.tiny import ensure_tiny_models
 
@@ -39,21 +38,14 @@ def main(argv=None) -> int:
     ensure_tiny_models(cache)
     data = write_demo_data(os.path.join(work, "data"), identities=1, images_per_identity=1, general_shards=0,
                            lsun_records=args.records)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "PREP_THREADS": str(args.threads)}
+    env = {**os.environ, **fixed_threads(args.threads)}
     times: dict[str, list[float]] = {"none": [], "augment": []}
     for round_ in range(args.rounds):
         for arm in ("none", "augment"):
             out = os.path.join(work, f"out-{arm}-{round_}")
-            cmd = [sys.executable, "-m", "prep.cli", "run", "--input", f"lsun:{data['lsun_dir']}", "--preset", "tiny",
-                   "--model-cache", cache, "--out", out, "--workers", "1", "--no-progress", "--singleton-refs", arm,
-                   "--singleton-refs-k", str(args.k)]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                return 1
+            cmd = ["--input", f"lsun:{data['lsun_dir']}", "--preset", "tiny", "--model-cache", cache, "--out", out,
+                   "--workers", "1", "--no-progress", "--singleton-refs", arm, "--singleton-refs-k", str(args.k)]
+            seconds = timed_prep_run(cmd, env)
             times[arm].append(seconds)
             print(json.dumps({"round": round_, "arm": arm, "records": args.records, "k": args.k,
                               "seconds": round(seconds, 2)}), flush=True)
