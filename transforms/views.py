@@ -80,12 +80,20 @@ def augment(image: Image.Image, seed: int, key: str, index: int) -> Image.Image:
     return view
 
 
-def view_jpeg(image_jpeg: bytes, seed: int, key: str, index: int) -> bytes:
+def view_jpegs(image_jpeg: bytes, seed: int, key: str, indices) -> list[bytes]:
+    """The JPEG bytes of views `indices` of one image, decoded once."""
     with Image.open(io.BytesIO(image_jpeg)) as opened:
         rgb = opened.convert("RGB")
-    out = io.BytesIO()
-    augment(rgb, seed, key, index).save(out, format="JPEG", quality=VIEW_JPEG_QUALITY)
-    return out.getvalue()
+    found = []
+    for index in indices:
+        out = io.BytesIO()
+        augment(rgb, seed, key, index).save(out, format="JPEG", quality=VIEW_JPEG_QUALITY)
+        found.append(out.getvalue())
+    return found
+
+
+def view_jpeg(image_jpeg: bytes, seed: int, key: str, index: int) -> bytes:
+    return view_jpegs(image_jpeg, seed, key, [index])[0]
 
 
 class MakeViews(beam.DoFn):
@@ -115,9 +123,9 @@ class MakeViews(beam.DoFn):
         yield sample
         if not self.wants(sample) or sample.image_jpeg is None:
             return
-        for j in range(self._k):
+        for j, jpeg in enumerate(view_jpegs(sample.image_jpeg, self._seed, sample.key, range(self._k))):
             self._made.inc()
-            yield sample.with_(key=view_key(sample.key, j), image_jpeg=view_jpeg(sample.image_jpeg, self._seed, sample.key, j),
+            yield sample.with_(key=view_key(sample.key, j), image_jpeg=jpeg,
                                view_of=sample.key, caption=None, caption_vlm=None, caption_attributes=None,
                                reused=())
 
