@@ -259,23 +259,14 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
 def labelled_embeddings(out_dir: str, split: str) -> tuple[np.ndarray, list[dict], list[str]]:
     """(embeddings [N, D], attribute dicts, keys) of OUT's specific samples of `split` that have
     labels (attributes_source "labels" or, in outputs from before it, any attributes)."""
-    import io
-
     from prep.schemas import contract
-    from prep.schemas.output import folder_files, read_bytes, shards_in
+    from prep.schemas.output import iter_folder_samples
 
     rows: list[tuple[str, np.ndarray, dict]] = []
-    for shard in shards_in(folder_files(out_dir, split, contract.SPECIFIC), split, contract.SPECIFIC):
-        samples: dict[str, dict] = {}
-        for name, data in contract.iter_tar_members(io.BytesIO(read_bytes(shard.path))):
-            key, ext = contract.split_member(name)
-            if ext in (contract.EXT_JSON, contract.EXT_EMB):
-                samples.setdefault(key, {})[ext] = data
-        for key, members in samples.items():
-            meta = json.loads(members[contract.EXT_JSON])
-            if not meta.get("attributes") or meta.get("attributes_source") == "predicted":
-                continue
-            rows.append((key, contract.load_npy(members[contract.EXT_EMB]), meta["attributes"]))
+    for _, raw in iter_folder_samples(out_dir, split, contract.SPECIFIC):
+        meta = json.loads(raw[contract.EXT_JSON])
+        if meta.get("attributes") and meta.get("attributes_source") != "predicted":
+            rows.append((raw["__key__"], contract.load_npy(raw[contract.EXT_EMB]), meta["attributes"]))
     rows.sort(key=lambda r: r[0])
     if not rows:
         return np.zeros((0, 0), np.float32), [], []

@@ -20,7 +20,13 @@ import apache_beam as beam
 
 import prep
 from prep.atomic import write_atomic
-from prep.pipeline.config import ResolvedModels, RunConfig, resolve_models, singleton_refs_modes
+from prep.pipeline.config import (
+    ALWAYS_ITS_OWN_OBJECT,
+    ResolvedModels,
+    RunConfig,
+    resolve_models,
+    singleton_refs_modes,
+)
 from prep.pipeline.fingerprint import (
     fingerprint_caption,
     fingerprint_clip,
@@ -361,7 +367,7 @@ def view_maker(plan: RunPlan) -> Optional[MakeViews]:
     """The views DoFn when some input kind's singletons get augmented refs, else None (the
     graph is then what it always was)."""
     modes = singleton_refs_modes(plan.config)
-    every = frozenset(kind for kind, mode in modes.items() if mode == "augment" and kind == "lsun")
+    every = frozenset(kind for kind, mode in modes.items() if mode == "augment" and kind in ALWAYS_ITS_OWN_OBJECT)
     counted = Counter((i.source, i.identity) for i in plan.items
                       if modes.get(i.source) == "augment" and i.source not in every)
     singles = sorted(i.key for i in plan.items if i.source not in every and counted.get((i.source, i.identity)) == 1)

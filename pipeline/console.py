@@ -402,6 +402,15 @@ def make_local_runner(provision_info=None):
 # ---------------------------------------------------------------------------- the final table
 
 
+def computed_samples(counters: dict[str, int], stage: str) -> int:
+    """The samples a model stage computed, from its counters (ok + dead-lettered). Augmented views
+    (--singleton-refs) pass mask and embed too; they are not samples (their own row), so they are
+    taken out of those stages' counts."""
+    views = counters.get("views.made", 0)
+    not_samples = {"mask": views, "embed": views - counters.get("views.failed_mask", 0)}.get(stage, 0)
+    return max(counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0) - not_samples, 0)
+
+
 def stage_rows(manifest: dict) -> list[tuple[str, Optional[int], Optional[int], int]]:
     """(stage, in, ok, dead-lettered) per stage, in pipeline order, then "total".
 
@@ -425,13 +434,9 @@ def stage_rows(manifest: dict) -> list[tuple[str, Optional[int], Optional[int], 
     kept = counters.get("resume.skipped", 0)
     if kept:
         rows.append(("kept (resume)", kept, kept, 0))
-    # Augmented views (--singleton-refs) pass mask and embed too; they are not inputs: their
-    # own row, out of those stages' counts.
     views = counters.get("views.made", 0)
-    not_inputs = {"mask": views, "embed": views - counters.get("views.failed_mask", 0)}
     for stage in ("decode", "caption", "mask", "embed", "identity"):
-        entered = (counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0) - not_inputs.get(stage, 0)
-                   + counters.get(f"reuse.{stage}_reused", 0))  # --reuse: taken from PREV_OUT, not computed
+        entered = computed_samples(counters, stage) + counters.get(f"reuse.{stage}_reused", 0)  # --reuse: from PREV_OUT
         d = dead.pop(stage, 0)
         if counters and entered:
             rows.append((stage, entered, entered - d, d))

@@ -324,15 +324,13 @@ def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
     the samples reused and computed); rewritten atomically once the run is complete."""
     if not plan.config.reuse:
         return manifest
+    from prep.pipeline.console import computed_samples
     from prep.pipeline.reuse import REUSED_STAGES, plan_reuse
 
     reuse = plan.reuse or plan_reuse(plan.config.reuse, plan.stage_fingerprints())
     stages = {}
     for stage in REUSED_STAGES:
-        computed = counters.get(f"{stage}.ok", 0) + counters.get(f"{stage}.dead_lettered", 0)
-        if stage in ("mask", "embed"):
-            computed -= counters.get("views.made", 0) - (counters.get("views.failed_mask", 0) if stage == "embed" else 0)
-        stages[stage] = {"reused": counters.get(f"reuse.{stage}_reused", 0), "computed": max(computed, 0)}
+        stages[stage] = {"reused": counters.get(f"reuse.{stage}_reused", 0), "computed": computed_samples(counters, stage)}
     manifest = {**manifest, "reused_from": {"out": reuse.prev, "manifest_sha256": reuse.manifest_sha256,
                                             "stages": stages, "notes": list(reuse.notes),
                                             "unreadable": counters.get("reuse.prev_unreadable", 0)}}

@@ -51,17 +51,11 @@ def balanced_weights(groups: Sequence[str], max_weight: float = MAX_WEIGHT) -> l
 
 
 def _specific_attributes(out_dir: str, split: str) -> list[tuple[output.Shard, list[tuple[str, Optional[dict]]]]]:
-    shards = output.shards_in(output.folder_files(out_dir, split, contract.SPECIFIC), split, contract.SPECIFIC)
-    found = []
-    for shard in shards:
-        rows = []
-        with output.open_read(shard.path) as f:
-            for name, data in contract.iter_tar_members(f):
-                key, ext = contract.split_member(name)
-                if ext == contract.EXT_JSON:
-                    rows.append((key, json.loads(data.decode("utf-8")).get("attributes")))
-        found.append((shard, rows))
-    return found
+    """(shard, [(key, attributes)]) for each specific shard of the split, in name order."""
+    found: dict[output.Shard, list[tuple[str, Optional[dict]]]] = {}
+    for shard, raw in output.iter_folder_samples(out_dir, split, contract.SPECIFIC):
+        found.setdefault(shard, []).append((raw["__key__"], json.loads(raw[contract.EXT_JSON].decode("utf-8")).get("attributes")))
+    return list(found.items())
 
 
 def write_weights(out_dir: str, balance: Sequence[str], *, max_weight: float = MAX_WEIGHT,

@@ -91,6 +91,15 @@ def shards_in(files: dict[str, str], split: str, domain: str) -> list[Shard]:
     ]
 
 
+def iter_folder_samples(out_dir: str, split: str, domain: str) -> Iterator[tuple[Shard, dict[str, bytes]]]:
+    """Every sample of one (split, domain) folder, shard by shard in name order: (its shard, its
+    members as contract.iter_samples gives them: "__key__" and ext -> bytes)."""
+    for shard in shards_in(folder_files(out_dir, split, domain), split, domain):
+        with open_read(shard.path) as f:
+            for raw in contract.iter_samples(f):
+                yield shard, raw
+
+
 def list_shards(out_dir: str) -> list[Shard]:
     """Every shard of every (split, domain) folder, in split, domain and name order."""
     return [

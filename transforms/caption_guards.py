@@ -21,12 +21,11 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-EMPTY = "empty"
-REPETITION = "repetition loop"
-ECHO = "echo"
-REFUSAL = "refusal"
-CUT = "cut at the token limit"
-FLAGS = (EMPTY, REPETITION, ECHO, REFUSAL, CUT)
+from prep.schemas.contract import CAPTION_FLAGS
+
+# The flags as the shard contract names them (KEY.json caption_flags).
+FLAGS = CAPTION_FLAGS
+EMPTY, REPETITION, ECHO, REFUSAL, CUT = CAPTION_FLAGS
 
 # Back-to-back repeats that make a loop: a word 4 times, a 2-4 word phrase 3 times.
 REPEAT_LIMITS = {1: 4, 2: 3, 3: 3, 4: 3}
