@@ -48,6 +48,15 @@ field below is written by this version, null / [] where it does not apply):
   manifest "beam_options"  the Beam pipeline options given to `prep run`, as given (values of
                         credential options such as --s3_secret_access_key "<redacted>");
                         written only when there were any
+  manifest "stage_fingerprints"  {caption, mask, embed: sha256 of what decides that stage's output}
+                        (pipeline/reuse.py; --reuse compares them)
+  manifest "reused_from"  (--reuse runs) the earlier output, its manifest sha256, per stage the
+                        samples reused and computed, notes, unreadable samples, in_place
+  manifest "attribute_doubts"  (--attribute-model) attribute -> samples whose label the probe
+                        doubts; also per shard entry and in NNNNNN_stats.json
+  NNNNNN_stats.json "attributes"  per attributes_source: samples, and true per attribute
+  manifest "weights"    (prep weights) the balance, split, cap, groups, shares; the weights are
+                        NNNNNN_weights.parquet (key, weight, group) beside each shard
 schema_version stays 1: nothing a v1 reader relies on changed meaning, and outputs written
 before these additions still validate (the fields are checked when present).
 
