@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from prep.pipeline.fingerprint import (
     fingerprint_mask,
 )
 from prep.pipeline.gpu_plan import caption_copies
+from prep.pipeline.items import INLINE_ITEMS, parse_item
 from prep.pipeline.outputs import WriteDeadLetters, WriteDigests, WriteManifest
 from prep.pipeline.resume import Continuation
 from prep.pipeline.reuse import ReusePlan, join_previous, plan_reuse, stage_fingerprints, stage_or_reuse
@@ -87,7 +87,7 @@ class RunPlan:
     reports: list[SourceReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dim: int = 0
-    items_pattern: Optional[str] = None  # set by stage_items(): the items are read from files
+    items_pattern: Optional[str] = None  # set from items.stage_items(): the items are read from files
     caption: Optional[CaptionHandler] = None
     mask: Optional[MaskHandler] = None
     embed: Optional[EmbedHandler] = None
@@ -269,35 +269,6 @@ def relative_to(root: str, url: str) -> str:
     """A tar's path relative to its pattern's folder (lineage that does not move with the data)."""
     prefix = root.rstrip("/") + "/"
     return url[len(prefix):] if root and url.startswith(prefix) else url
-
-
-INLINE_ITEMS = 10_000  # above this, the planned items go to files, not into the job graph
-ITEMS_PER_FILE = 50_000
-
-
-def _item_line(item: SourceItem) -> str:
-    return json.dumps(dataclasses.asdict(item), sort_keys=True, ensure_ascii=False)
-
-
-def _parse_item(line: str) -> SourceItem:
-    return SourceItem(**json.loads(line))
-
-
-def stage_items(plan: RunPlan, out: str, inline_limit: Optional[int] = None) -> None:
-    """Write the planned items as JSON lines under OUT/_plan/ when there are many.
-
-    `beam.Create` embeds its elements in the job graph: at CelebA scale that is ~7 MB of
-    Dataflow's 10 MB limit. From files, the workers read the items and the graph stays small.
-    """
-    if len(plan.items) <= (INLINE_ITEMS if inline_limit is None else inline_limit):
-        plan.items_pattern = None
-        return
-    base = f"{out.rstrip('/')}/{contract.PLAN_DIR}"
-    ordered = sorted(plan.items, key=lambda i: i.key)
-    for n, start in enumerate(range(0, len(ordered), ITEMS_PER_FILE)):
-        lines = "".join(_item_line(i) + "\n" for i in ordered[start:start + ITEMS_PER_FILE])
-        write_atomic(f"{base}/items-{n:05d}.jsonl", lines.encode("utf-8"))
-    plan.items_pattern = f"{base}/items-*.jsonl"
 
 
 class _DropDuplicateKeys(beam.DoFn):
@@ -587,7 +558,7 @@ def _ingest(p: beam.Pipeline, plan: RunPlan, resume: Continuation):
         listed = (
             p
             | "ListImages" >> beam.io.ReadFromText(plan.items_pattern, validate=False)
-            | "ParseItems" >> beam.Map(_parse_item).with_output_types(SourceItem)
+            | "ParseItems" >> beam.Map(parse_item).with_output_types(SourceItem)
         )
     else:
         listed = p | "ListImages" >> beam.Create(plan.items if only is None else [i for i in plan.items if i.key in only])
@@ -645,57 +616,3 @@ def _dead_letters(p: beam.Pipeline, resume: Continuation, letters):
             p | "KeptDeadLetters" >> beam.Create(resume.kept_letters),
         ) | "WithKeptDeadLetters" >> beam.Flatten()
     return dead_letters
-
-
-def output_exists(out: str) -> bool:
-    """Whether OUT holds anything a run writes (contract.OUTPUT_ENTRIES)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    return any(FileSystems.exists(f"{out.rstrip('/')}/{name}") for name in contract.OUTPUT_ENTRIES)
-
-
-def _files_under(out: str) -> list[str]:
-    """Every file under OUT, as '/'-separated paths relative to it ([] when OUT does not exist)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    base = out.rstrip("/")
-    (result,) = FileSystems.match([f"{base}/**"])  # nothing matches where OUT does not exist
-    return sorted(m.path[len(base) + 1:] for m in result.metadata_list if m.path.startswith(base + "/"))
-
-
-def foreign_files(out: str) -> list[str]:
-    """The files under OUT that prep does not write (contract.is_run_file): the user's; []
-    as soon as OUT holds any file of prep's (then it is a prep output, complete or partial)."""
-    files = _files_under(out)
-    if any(contract.is_run_file(rel) for rel in files):
-        return []
-    return files
-
-
-def clear_output(out: str) -> None:
-    """Remove every file a run writes under OUT, its bookkeeping included (contract.is_run_file),
-    and prep's folders left empty; any other file (the user's) stays where it is."""
-    import os
-    import shutil
-
-    from apache_beam.io.filesystems import FileSystems
-
-    from prep.schemas.card import is_prep_card
-
-    base = out.rstrip("/")
-    mine = [f"{base}/{rel}" for rel in _files_under(base) if contract.is_run_file(rel)]
-    card = f"{base}/{contract.DATASET_CARD}"
-    if FileSystems.exists(card) and is_prep_card(card):
-        mine.append(card)
-    if mine:
-        FileSystems.delete(mine)
-    if FileSystems.get_scheme(base) is None:  # local folders: remove prep's own once empty
-        folders = {contract.shard_folder(s, d) for s, d in contract.split_domains()}
-        folders |= {contract.DEAD_LETTER_DIR, contract.PLAN_DIR, *contract.SPLITS[1:]}
-        for rel in sorted(folders, key=lambda f: -f.count("/")):
-            path = os.path.join(base, rel)
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
-        chunks = os.path.join(base, contract.CHUNKS_DIR)  # only prep's files ever go there
-        if os.path.isdir(chunks):
-            shutil.rmtree(chunks)

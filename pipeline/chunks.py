@@ -49,7 +49,8 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from prep.atomic import write_atomic
-from prep.pipeline.build import RunPlan, _exact_duplicates_section, stage_items
+from prep.pipeline.build import RunPlan, _exact_duplicates_section
+from prep.pipeline.items import stage_items
 from prep.pipeline.local import SAMPLES_PER_TAR_GUESS, thread_environment
 from prep.pipeline.outputs import build_manifest, dead_letter_lines, write_run_outputs
 from prep.pipeline.quiet import chunk_worker_init
@@ -191,7 +192,7 @@ def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Calla
     keeps its models from one chunk to the next (transforms/inference.py: keep_models), and so
     does this process when it runs the chunks itself. The output does not depend on the order
     in which chunks finish: `stitch` merges them by key."""
-    from prep.pipeline.build import output_exists
+    from prep.pipeline.out_folder import output_exists
     from prep.pipeline.resume import scan_completed
 
     by_key = {item.key: item for item in plan.items}
@@ -202,7 +203,7 @@ def run_chunks(out: str, plan: RunPlan, chunks: list[Chunk], run_pipeline: Calla
             continue
         resume = scan_completed(folder) if output_exists(folder) else None
         sub = chunk_plan(plan, chunk, index, by_key, out)
-        stage_items(sub, folder)
+        sub.items_pattern = stage_items(sub.items, folder)
         todo.append((index, sub, resume))
     counters: dict[str, int] = {}
 

@@ -19,15 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from prep.atomic import write_atomic
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
-from prep.pipeline.build import (
-    build_pipeline,
-    clear_output,
-    _files_under,
-    foreign_files,
-    output_exists,
-    plan_run,
-    stage_items,
-)
+from prep.pipeline.build import build_pipeline, plan_run
 from prep.pipeline.config import RunConfig
 from prep.pipeline.console import (
     format_stage_table,
@@ -35,6 +27,7 @@ from prep.pipeline.console import (
     planned_totals,
     stage_counters,
 )
+from prep.pipeline.items import stage_items
 from prep.pipeline.local import (
     SAMPLES_PER_TAR_GUESS,
     check_options,
@@ -45,6 +38,7 @@ from prep.pipeline.local import (
     worker_environment,
     worker_provision_info,
 )
+from prep.pipeline.out_folder import clear_output, files_under, foreign_files, output_exists
 from prep.pipeline.preflight import Preflight, preflight
 from prep.pipeline.resume import (
     clear_retry_plan,
@@ -180,7 +174,7 @@ def run(
             notice(f"resuming {out}: {len(resume.shards)} complete shard(s) kept ({len(resume.done_keys)} samples), "
                    f"{len(resume.removed)} partial file(s) removed")
     write_run_state(out, digest, config.to_json())
-    stage_items(plan, out)
+    plan.items_pattern = stage_items(plan.items, out)
     for report in plan.reports:
         for warning in report.warnings:
             log.warning("%s: %s", report.spec, warning)
@@ -289,7 +283,7 @@ def _run_in_place(config: RunConfig, beam_args, *, wait: bool, checked) -> Optio
     out = config.out.rstrip("/")
     if not FileSystems.exists(f"{out}/{contract.MANIFEST}"):
         raise OutputExists(f"--reuse {config.reuse}: {out} holds no complete run (manifest.json) to reuse")
-    foreign = [rel for rel in _files_under(out) if not contract.is_run_file(rel) and rel != contract.DATASET_CARD]
+    foreign = [rel for rel in files_under(out) if not contract.is_run_file(rel) and rel != contract.DATASET_CARD]
     if foreign:
         raise OutputExists(f"--reuse {out} --out {out}: {out} also holds files that are not prep's "
                            f"({', '.join(foreign[:5])}); write to a new folder instead")

@@ -522,7 +522,8 @@ def test_items_from_files_keep_the_graph_small_at_any_scale(plan, tmp_path):
     graph reads them there, so it stays the size of the demo's. Checked at 60,000 items (over
     INLINE_ITEMS, two staged files): fails if staging stops happening (the threshold, the
     files, or build_pipeline reading them)."""
-    from prep.pipeline.build import INLINE_ITEMS, build_pipeline, stage_items
+    from prep.pipeline.build import build_pipeline
+    from prep.pipeline.items import INLINE_ITEMS, stage_items
     from prep.schemas import contract
 
     def graph_bytes(p):
@@ -535,12 +536,12 @@ def test_items_from_files_keep_the_graph_small_at_any_scale(plan, tmp_path):
              for i in range(SCALE_ITEMS)]
     big = dataclasses.replace(plan, items=items, items_pattern=None)
     out = tmp_path / "out"
-    stage_items(big, str(out))
+    big.items_pattern = stage_items(big.items, str(out))
     assert big.items_pattern == f"{out}/{contract.PLAN_DIR}/items-*.jsonl"
     staged_lines = sum(len(f.read_text().splitlines()) for f in (out / contract.PLAN_DIR).glob("items-*.jsonl"))
     assert staged_lines == SCALE_ITEMS and len(list((out / contract.PLAN_DIR).glob("items-*.jsonl"))) == 2
     demo = dataclasses.replace(plan, items_pattern=None)
-    stage_items(demo, str(tmp_path / "small"))
+    demo.items_pattern = stage_items(demo.items, str(tmp_path / "small"))
     assert demo.items_pattern is None and len(demo.items) <= INLINE_ITEMS  # the demo stays inline
     staged, small = graph_bytes(big), graph_bytes(demo)
     assert staged < JOB_GRAPH_LIMIT / 20 and abs(staged - small) < 0.05 * small, (staged, small)

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from conftest import assert_same_output
 from prep.cli import app
 from prep.demo import write_demo_data
-from prep.pipeline.build import clear_output, plan_run
+from prep.pipeline.build import plan_run
+from prep.pipeline.out_folder import clear_output
 from prep.transforms.write import members_tar_bytes
 from prep.pipeline.config import RunConfig
 from prep.pipeline.run import OutputExists, run

@@ -144,7 +144,7 @@ def test_card_is_the_manifest_s_function_and_names_no_local_path(pipeline_run):
 
 
 def test_a_user_readme_is_never_overwritten_or_removed(tmp_path):
-    from prep.pipeline.build import clear_output
+    from prep.pipeline.out_folder import clear_output
     from prep.schemas.card import dataset_card, write_dataset_card
 
     manifest = {"shards": [{"domain": "specific", "name": "000000.tar", "count": 3}], "counts": {}}
