@@ -18,6 +18,11 @@ per-element preprocessing over the same images on `--threads` threads, with no B
   decoded     off (default): each stage decodes the JPEG itself, as before decode-once; on: the
               pixels are already decoded (as the pipeline's Decode step leaves them in
               transforms.decode.DECODED), so the stage's work is what is left of it in a run
+  family      the caption stage's family: blip-2 (default; its image processor runs per image on
+              the pool) or qwen2_vl (a chat family: Qwen2-VL's real image processor and prep
+              demo-models' chat template; the processor runs on the whole batch, template and
+              left padding included, on the model's thread; the plain loop calls it per image
+              on its threads)
 Images: CelebA size (178x218) and web size (1024x768), synthetic JPEGs (quality 95) with an
 elliptical mask. Each variant runs in a fresh process (see bench/stages.py for why). Prints
 one JSON line per (stage, size, pool): {"stage", "size", "pool", "plain_ips", "stage_ips", ...}.
@@ -25,6 +30,7 @@ one JSON line per (stage, size, pool): {"stage", "size", "pool", "plain_ips", "s
     python -m bench.ceiling                              # ~12 min on 2 idle cores (3 rounds)
     python -m bench.ceiling --stages embed --sizes web --threads 8
     python -m bench.ceiling --decoded on                 # the stages as a run feeds them
+    python -m bench.ceiling --stages caption --caption-family qwen2_vl   # a chat family
 Targets (2 cores): stage_ips >= 0.9 x plain_ips; web size: pool on >= 1.6 x pool off.
 """
 
@@ -109,16 +115,19 @@ def blip2_processor(image_size: int = BLIP2_IMAGE_SIZE, vocab_size: int = 0):
 
 
 class _InstantCaptioner:
-    """Stands where LoadedCaptioner stands: `generate` returns 'a photo of a face' at once."""
+    """Stands where LoadedCaptioner stands: `generate` returns 'a photo of a face' at once, after
+    the prompt's ids where there is a prompt (decoder-only families return prompt + answer)."""
 
     def __init__(self, tokenizer, max_new_tokens: int):
-        ids = tokenizer.convert_tokens_to_ids(["a", "photo", "of", "a", "face"])
+        ids = tokenizer("a photo of a face", add_special_tokens=False)["input_ids"]
         self.row = (ids * max_new_tokens)[:max_new_tokens]
 
     def generate(self, inputs: dict, **kwargs):
         import torch
 
-        return torch.tensor([self.row] * len(next(iter(inputs.values()))))
+        prompt = inputs.get("input_ids")
+        rows = torch.tensor([self.row] * (len(prompt) if prompt is not None else len(inputs["pixel_values"])))
+        return rows if prompt is None else torch.cat([prompt, rows], dim=1)
 
     def eos_ids(self) -> list[int]:
         return []  # never ends: every row is the full max_new_tokens, as the GPU check's captioner
@@ -141,7 +150,21 @@ class _InstantSession:
         return [self._cache[image.size]]
 
 
-def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None):
+CAPTION_FAMILIES = ("blip-2", "qwen2_vl")
+
+
+def chat_processor(work: str) -> str:
+    """The chat family's processor, saved once under `work` for every variant's process."""
+    from bench.stages import real_qwen2_vl_processor
+
+    folder = os.path.join(work, "qwen2_vl-processor")
+    if not os.path.isfile(os.path.join(folder, "processor_config.json")):
+        real_qwen2_vl_processor(os.path.join(work, "qwen2_vl-build")).save_pretrained(folder)
+    return folder
+
+
+def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None, family: str = "blip-2",
+                      processor_dir: str | None = None):
     """The stage's real handler class, with only the model replaced by an instant one."""
     from prep.transforms.caption import CaptionHandler
     from prep.transforms.captioners import family_of
@@ -150,14 +173,20 @@ def zero_cost_handler(stage: str, prepare_threads: int, batch: int | None = None
 
     batch = batch or BATCH[stage]
     if stage == "caption":
-        processor = blip2_processor()
+        if family == "blip-2":
+            processor = blip2_processor()
+        else:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(processor_dir)
+            processor.tokenizer.padding_side = family_of(family).padding_side
 
         class ZeroCaption(CaptionHandler):
             def processor(self):
                 return processor
 
             def family(self):
-                return family_of("blip-2")
+                return family_of(family)
 
             def load_model(self):
                 return _InstantCaptioner(processor.tokenizer, self.max_new_tokens)
@@ -194,17 +223,25 @@ def plain_loop(handler, samples, threads: int) -> tuple[float, int]:
     mapped over the images on `threads` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from prep.transforms.caption import new_tokens
+
     model = handler.load_model()
     # The instant model per image where the stage has host work on its output: the mask
     # session's soft mask (binarised, PNG-encoded), the captioner's token ids (decoded).
-    one = getattr(model, "predict", None) or getattr(model, "generate", None)
+    one = getattr(model, "predict", None)
+    captioner = handler.stage == "caption"
+    batch_processor = captioner and not handler.family().per_element
+    text = handler.prompt_text() if captioner else None  # made once, before the clock starts
 
     def work(sample):
         prepared = handler.prepare(sample, model)
-        if not one:
-            return prepared
-        output = one(prepared)[0]
-        return handler.finish((output, False) if handler.stage == "caption" else output)  # caption: (ids, cut)
+        if captioner:
+            if batch_processor:  # what the stage's infer does for a batch, here per image on this thread
+                image = [prepared] if handler.family().nested_images else prepared
+                prepared = dict(handler.processor()(images=[image], text=[text], padding=True, return_tensors="pt"))
+            ids = new_tokens(model.generate(prepared), prepared.get("input_ids"))[0]
+            return handler.finish((ids, False))  # (ids, cut)
+        return handler.finish(one(prepared)[0]) if one else prepared
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -250,10 +287,11 @@ def run_child(spec: dict) -> dict:
     else:  # the same images go through several times here: every pass decodes, as a stage alone does
         DECODED.configure(0)
     if spec["variant"] == "plain":
-        handler = zero_cost_handler(spec["stage"], 1)
+        handler = zero_cost_handler(spec["stage"], 1, family=spec["family"], processor_dir=spec["processor_dir"])
         seconds, n = plain_loop(handler, samples, spec["threads"])
         return {"seconds": seconds, "n": n}
-    handler = zero_cost_handler(spec["stage"], spec["threads"] if spec["variant"] in ("pool", "plumbing") else 1)
+    handler = zero_cost_handler(spec["stage"], spec["threads"] if spec["variant"] in ("pool", "plumbing") else 1,
+                                family=spec["family"], processor_dir=spec["processor_dir"])
     if spec["variant"] == "plumbing":
         handler = without_host_work(handler, samples[0])
     return stage_timing(handler, samples)
@@ -289,7 +327,8 @@ def without_host_work(handler, sample):
 
 
 def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_threads: int,
-            decoded: bool = False, rounds: int = 3) -> list[dict]:
+            decoded: bool = False, rounds: int = 3, family: str = "blip-2", processor_dir: str | None = None
+            ) -> list[dict]:
     """`rounds` rounds of four fresh processes (plain, pool off, pool on, plumbing), interleaved so that a
     slow spell of the host falls on every variant; two JSON records (pool off, pool on) with the
     median img/s of the rounds and their spread."""
@@ -297,7 +336,8 @@ def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_thre
     for _ in range(rounds):
         for variant in runs:
             spec = {"stage": stage, "folder": folder, "variant": variant, "threads": threads,
-                    "torch_threads": torch_threads, "decoded": decoded}
+                    "torch_threads": torch_threads, "decoded": decoded, "family": family,
+                    "processor_dir": processor_dir}
             out = subprocess.run([sys.executable, "-m", "bench.ceiling", "--child", json.dumps(spec)],
                                  check=True, capture_output=True, text=True).stdout
             result = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
@@ -312,6 +352,7 @@ def measure(stage: str, size: str, folder: str, n: int, threads: int, torch_thre
         net_ips = float(np.median(ips))
         records.append({
             "stage": stage, "size": size, "pool": variant == "pool", "decoded": decoded,
+            **({"family": family} if stage == "caption" else {}),
             "threads": threads if variant == "pool" else 1,
             "images": n, "rounds": rounds, "plain_ips": round(plain_ips, 1), "stage_ips": round(net_ips, 1),
             "ratio": round(net_ips / plain_ips, 3),
@@ -340,6 +381,8 @@ def main(argv=None) -> list[dict]:
                         help="on: images already decoded, as the pipeline's Decode step leaves them")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of fresh processes per variant; the median is reported")
+    parser.add_argument("--caption-family", choices=CAPTION_FAMILIES, default="blip-2",
+                        help="the caption stage's family: blip-2, or qwen2_vl (a chat family)")
     parser.add_argument("--work", default=None, help="scratch folder for the images (default: a temp dir)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -348,12 +391,13 @@ def main(argv=None) -> list[dict]:
         return []
     work = args.work or tempfile.mkdtemp(prefix="prep-ceiling-")
     records = []
+    processor_dir = chat_processor(work) if args.caption_family != "blip-2" and "caption" in args.stages else None
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         n = args.images or DEFAULT_IMAGES[size]
         folder = write_images(work, size, n)
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
             for record in measure(stage, size, folder, n, args.threads, args.torch_threads, args.decoded == "on",
-                                  args.rounds):
+                                  args.rounds, args.caption_family, processor_dir):
                 print(json.dumps(record), flush=True)
                 records.append(record)
     return records

@@ -66,15 +66,11 @@ def build_small_blip(directory: str) -> str:
     return directory
 
 
-def build_small_chat(directory: str) -> str:
-    """A Qwen2-VL captioner of realistic shape but small width (Qwen2-VL's real image processor:
-    patch 14, 2x2 merge, 48 image tokens for a CelebA image; a 4-layer ViT and a 4-layer
-    decoder of width 256), random weights, with prep demo-models' tokenizer and chat template,
-    saved with save_pretrained: loaded by the stage as a real checkpoint is."""
-    import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+def real_qwen2_vl_processor(directory: str):
+    """prep demo-models' Qwen2-VL processor (tokenizer, chat template) with Qwen2-VL's real image
+    processor (patch 14, 2x2 merge, its pixel limits: 48 image tokens for a CelebA image)."""
+    from transformers import AutoProcessor, Qwen2VLImageProcessor
 
-    from bench.gpu_check import qwen2_vl_config
     from prep.models.demo_models import build_demo_models
 
     folder = build_demo_models(os.path.join(directory, "demo"), ["qwen2_vl"])["qwen2_vl"]
@@ -82,6 +78,20 @@ def build_small_chat(directory: str) -> str:
     processor.image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14, temporal_patch_size=2,
         merge_size=2)
+    return processor
+
+
+def build_small_chat(directory: str) -> str:
+    """A Qwen2-VL captioner of realistic shape but small width (Qwen2-VL's real image processor:
+    patch 14, 2x2 merge, 48 image tokens for a CelebA image; a 4-layer ViT and a 4-layer
+    decoder of width 256), random weights, with prep demo-models' tokenizer and chat template,
+    saved with save_pretrained: loaded by the stage as a real checkpoint is."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from bench.gpu_check import qwen2_vl_config
+
+    processor = real_qwen2_vl_processor(directory)
     config = qwen2_vl_config(
         processor.tokenizer, tiny=True,
         text_sizes=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,

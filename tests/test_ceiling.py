@@ -18,3 +18,17 @@ def test_ceiling_runs_every_variant_and_reports_consistent_medians(tmp_path):
         assert r["plumbing_ips"] > 0 and abs(r["ratio"] - r["stage_ips"] / r["plain_ips"]) < 0.01
     assert serial["plain_ips"] == pooled["plain_ips"] and serial["threads"] == 1 and pooled["threads"] == 2
     assert pooled["pool_speedup"] == round(pooled["stage_ips"] / serial["stage_ips"], 2)
+
+
+def test_ceiling_runs_a_chat_family_caption_stage(tmp_path):
+    """--caption-family qwen2_vl: the stage runs the chat processor on whole batches, the plain loop
+    per image; every image comes through both (measure() raises otherwise) and the records say
+    which family they measured."""
+    from bench.ceiling import main
+
+    records = main(["--stages", "caption", "--sizes", "celeba", "--images", "16", "--rounds", "1",
+                    "--threads", "2", "--caption-family", "qwen2_vl", "--work", str(tmp_path)])
+    assert [(r["stage"], r["family"], r["pool"]) for r in records] == [("caption", "qwen2_vl", False),
+                                                                       ("caption", "qwen2_vl", True)]
+    assert all(r["images"] == 16 and r["plain_ips"] > 0 and r["stage_ips"] > 0 for r in records)
+    assert (tmp_path / "qwen2_vl-processor" / "processor_config.json").is_file()
