@@ -32,6 +32,67 @@ def _samples(n: int):
     return [_sample(i) for i in range(n)]
 
 
+def _sized_sample(i: int, size: tuple[int, int]):
+    """A sample whose image is `size` (w, h): wide, tall and square ones give different numbers of
+    image tokens (Qwen2-VL, LLaVA-OneVision) and tiles (SmolVLM)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from prep.schemas.records import Sample
+
+    pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return Sample(key=f"s{i}", source="test", domain="specific", path=f"/x/{i}.jpg", image_jpeg=buf.getvalue(),
+                  width=size[0], height=size[1])
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not family_of(f).per_element])
+def test_parts_prepared_per_image_collate_into_the_processors_batch_call(demo_models, family):
+    """The processor runs per image on the pool (prepare); collated, the parts are exactly what
+    its call on the whole batch returns: the same keys, shapes, dtypes and values, token rows
+    padded on the family's side, tiles and patches padded where their numbers differ."""
+    import torch
+
+    from prep.transforms.caption import collate
+    from prep.transforms.decode import load_rgb
+
+    handler = CaptionHandler(demo_models[family], device="cpu")
+    samples = [_sized_sample(i, size) for i, size in enumerate([(178, 218), (320, 96), (64, 64), (90, 300)])]
+    parts = [handler.prepare(sample, None) for sample in samples]
+    processor, fam = handler.processor(), handler.family()
+    images = [load_rgb(s.image_jpeg) for s in samples]
+    text = handler.prompt_text()
+    whole = dict(processor(images=[[im] for im in images] if fam.nested_images else images,
+                           **({"text": [text] * len(images)} if text else {}), padding=True, return_tensors="pt"))
+    collated = collate(parts, processor.tokenizer.pad_token_id, fam.padding_side)
+    assert sorted(collated) == sorted(whole)
+    for key in whole:
+        assert collated[key].dtype == whole[key].dtype and collated[key].shape == whole[key].shape, key
+        assert torch.equal(collated[key], whole[key]), (family, key)
+
+
+def test_collate_pads_token_rows_on_the_given_side_and_tiles_with_zeros():
+    import torch
+
+    from prep.transforms.caption import collate
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "pixel_values": torch.ones(1, 2, 3), "pixel_attention_mask": torch.ones(1, 2, dtype=torch.bool)}
+    b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+         "pixel_values": torch.ones(1, 1, 3), "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool)}
+    left = collate([a, b], 0, "left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["pixel_values"][1].tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert left["pixel_attention_mask"].tolist() == [[True, True], [True, False]]
+    assert collate([a, b], 9, "right")["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    with pytest.raises(ValueError, match="no pad token"):
+        collate([a, b], None, "left")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_stage_captions_with_new_tokens_only(demo_models, family):
     handler = CaptionHandler(demo_models[family], max_new_tokens=12, device="cpu", max_batch_size=4, on_bad="keep")

@@ -8,8 +8,8 @@ is the new tokens only, checked by the guards (transforms/caption_guards.py): a 
 caption is dropped (a dead letter naming the flag, with the raw text) or kept with its flags
 (`on_bad="keep"`); a preamble ("The image shows ...") is trimmed.
 
-The processor (resize, normalise, tokenise the prompt) runs per element in `prepare`, on the
-handler's thread pool, and is loaded in every worker process; the network runs behind
+The processor (resize, normalise, tokenise the prompt, the chat template) runs per element in
+`prepare`, on the handler's thread pool (`infer` collates the parts as its batch call would), and is loaded in every worker process; the network runs behind
 `LoadedCaptioner.generate`, a method, so that in Beam's large-model mode (one copy per
 machine in a server process, `--caption-model-copies`) the workers call it through the
 proxy Beam hands them (a proxy exposes methods only, not attributes).
@@ -118,6 +118,51 @@ _FLAG_KINDS = {
     guards.REFUSAL: DeadLetterKind.CAPTION_REFUSAL,
     guards.CUT: DeadLetterKind.CAPTION_CUT,
 }
+
+
+SEQUENCE_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels"}  # (batch, tokens)
+
+
+def collate(parts: list[dict], pad_token_id: Optional[int], padding_side: str) -> dict:
+    """One batch from the processor's outputs for one image each, equal to its call on the whole
+    batch with padding (tests/test_captioner_families.py checks it per family, images of
+    different sizes): token rows padded to the longest on `padding_side` (input_ids with the
+    pad token, the rest with 0); image tensors concatenated, zero-padded first where their
+    tiles or patches differ in number (SmolVLM, LLaVA-OneVision); Qwen2-VL's flat patch rows
+    simply concatenate."""
+    import torch
+
+    batch = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if key in SEQUENCE_KEYS:
+            width = max(v.shape[1] for v in values)
+            if width != min(v.shape[1] for v in values) and key == "input_ids" and pad_token_id is None:
+                raise ValueError("the tokenizer has no pad token: prompts of different lengths cannot be batched")
+            fill = pad_token_id if key == "input_ids" else 0
+            values = [_pad(v, (0, width - v.shape[1]) if padding_side == "right" else (width - v.shape[1], 0), fill)
+                      for v in values]
+        elif values[0].dim() > 1 and len({tuple(v.shape[1:]) for v in values}) > 1:
+            shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+            values = [_pad_to(v, shape) for v in values]
+        batch[key] = torch.cat(values)
+    return batch
+
+
+def _pad(row, before_after: tuple[int, int], fill):
+    import torch.nn.functional as F
+
+    return F.pad(row, before_after, value=fill) if any(before_after) else row
+
+
+def _pad_to(value, shape: list[int]):
+    """Zeros after the end of every dimension but the first, up to `shape`."""
+    import torch.nn.functional as F
+
+    widths = []
+    for d in reversed(range(1, value.dim())):
+        widths += [0, shape[d - 1] - value.shape[d]]
+    return F.pad(value, widths) if any(widths) else value
 
 
 def new_tokens(out, input_ids):
@@ -269,12 +314,18 @@ class CaptionHandler(StageHandler):
         value by value), the image processor is called directly: the processor's own Python
         around it (merging kwargs) was 0.3 ms of 0.7 ms per CelebA image, under the GIL.
         Processors that add anything keep the full call. The other families (PaliGemma,
-        Florence-2 and the chat models) get the decoded image: their processor runs on the whole
-        batch in `infer` (image tokens per image size, tiles, the chat template, padding)."""
+        Florence-2 and the chat models) run the full processor per image too, with the prompt's
+        text (the chat template around the instruction): `infer` collates the parts, padding
+        token rows and tiles as the processor's batch call does (`collate`). On the pool, that
+        is the processor's work in parallel; on the model's thread it was the stage's bound
+        for a chat family (bench.ceiling --caption-family qwen2_vl, web size: 30 img/s of 79)."""
         image = load_rgb(sample.image_jpeg)
         processor = self.processor()
-        if not self.family().per_element:  # the processor runs on the whole batch (infer)
-            return image
+        family = self.family()
+        if not family.per_element:
+            text = self.prompt_text()
+            return dict(processor(images=[[image] if family.nested_images else image],
+                                  **({"text": [text]} if text else {}), return_tensors="pt"))
         if self.prompt:
             return dict(processor(images=[image], text=[self.prompt], return_tensors="pt"))
         if self._images_only:
@@ -287,15 +338,8 @@ class CaptionHandler(StageHandler):
     def infer(self, prepared: list, model) -> list:
         """One generate call; per element its new token ids and whether generation ran to the
         token limit without ending (decoded and checked in `finish`, on the pool)."""
-        import torch
-
-        if self.family().per_element:
-            inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
-        else:
-            text = self.prompt_text()
-            kwargs = {"text": [text] * len(prepared)} if text else {}
-            images = [[image] for image in prepared] if self.family().nested_images else list(prepared)
-            inputs = dict(self.processor()(images=images, padding=True, return_tensors="pt", **kwargs))
+        tokenizer = getattr(self.processor(), "tokenizer", None)
+        inputs = collate(prepared, getattr(tokenizer, "pad_token_id", None), self.family().padding_side)
         out = model.generate(inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
         rows = new_tokens(out, inputs.get("input_ids"))
         eos = model.eos_ids()

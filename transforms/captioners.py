@@ -37,9 +37,9 @@ class Family:
     prompt_is: str  # PREFIX, TASK or INSTRUCTION
     default_prompt: Optional[str]
     padding_side: str  # of the tokenizer, for batched generation
-    # BLIP/BLIP-2: the processor's outputs per image concatenate into the batch's (fixed
-    # shapes), so `prepare` runs the processor on the pool; the others (image tokens per image
-    # size, tiles, chat templates) run the processor on the whole batch, which pads it.
+    # BLIP/BLIP-2: fixed shapes, the prefix echoed in the caption, and the image processor alone
+    # where that is the processor's output; the others (image tokens per image size, tiles, chat
+    # templates) run the full processor per image with their text, padded when collated.
     per_element: bool = False
     nested_images: bool = False  # the processor takes images as one list per text (Idefics3's)
     image_token_first: bool = False  # the prompt starts with the processor's image token (PaliGemma's)
