@@ -18,11 +18,10 @@ per-element preprocessing over the same images on `--threads` threads, with no B
   decoded     off (default): each stage decodes the JPEG itself, as before decode-once; on: the
               pixels are already decoded (as the pipeline's Decode step leaves them in
               transforms.decode.DECODED), so the stage's work is what is left of it in a run
-  family      the caption stage's family: blip-2 (default; its image processor runs per image on
-              the pool) or qwen2_vl (a chat family: Qwen2-VL's real image processor and prep
-              demo-models' chat template; the processor runs on the whole batch, template and
-              left padding included, on the model's thread; the plain loop calls it per image
-              on its threads)
+  family      the caption stage's family: blip-2 (default; its image processor alone, per image)
+              or qwen2_vl (a chat family: Qwen2-VL's real image processor and prep demo-models'
+              chat template; the full processor per image with the template's text, collated
+              with left padding on the model's thread)
 Images: CelebA size (178x218) and web size (1024x768), synthetic JPEGs (quality 95) with an
 elliptical mask. Each variant runs in a fresh process (see bench/stages.py for why). Prints
 one JSON line per (stage, size, pool): {"stage", "size", "pool", "plain_ips", "stage_ips", ...}.
@@ -230,15 +229,12 @@ def plain_loop(handler, samples, threads: int) -> tuple[float, int]:
     # session's soft mask (binarised, PNG-encoded), the captioner's token ids (decoded).
     one = getattr(model, "predict", None)
     captioner = handler.stage == "caption"
-    batch_processor = captioner and not handler.family().per_element
-    text = handler.prompt_text() if captioner else None  # made once, before the clock starts
+    if captioner:
+        handler.prompt_text()  # the chat template around the instruction: made once, before the clock starts
 
     def work(sample):
         prepared = handler.prepare(sample, model)
         if captioner:
-            if batch_processor:  # what the stage's infer does for a batch, here per image on this thread
-                image = [prepared] if handler.family().nested_images else prepared
-                prepared = dict(handler.processor()(images=[image], text=[text], padding=True, return_tensors="pt"))
             ids = new_tokens(model.generate(prepared), prepared.get("input_ids"))[0]
             return handler.finish((ids, False))  # (ids, cut)
         return handler.finish(one(prepared)[0]) if one else prepared
