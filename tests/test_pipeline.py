@@ -208,9 +208,9 @@ def test_folder_source_and_max_side(tmp_path, tiny_cache, tiny):
 
 def test_items_staged_in_files_give_the_same_shards(pipeline_run, demo, tiny_cache, tmp_path, monkeypatch):
     """A plan too large to inline reads its items from OUT/_plan/*.jsonl: same output."""
-    import prep.pipeline.build as build
+    import prep.pipeline.items as items
 
-    monkeypatch.setattr(build, "INLINE_ITEMS", 3)
+    monkeypatch.setattr(items, "INLINE_ITEMS", 3)
     out = tmp_path / "staged"
     run(demo_config(demo, str(out), tiny_cache), [])
     assert sorted(p.name for p in (out / "_plan").iterdir()) == ["items-00000.jsonl"]
