@@ -9,10 +9,11 @@ caption is dropped (a dead letter naming the flag, with the raw text) or kept wi
 (`on_bad="keep"`); a preamble ("The image shows ...") is trimmed.
 
 The processor (resize, normalise, tokenise the prompt, the chat template) runs per element in
-`prepare`, on the handler's thread pool (`infer` collates the parts as its batch call would), and is loaded in every worker process; the network runs behind
-`LoadedCaptioner.generate`, a method, so that in Beam's large-model mode (one copy per
-machine in a server process, `--caption-model-copies`) the workers call it through the
-proxy Beam hands them (a proxy exposes methods only, not attributes).
+`prepare`, on the handler's thread pool (`infer` collates the parts as its batch call would),
+and is loaded in every worker process; the network runs behind `LoadedCaptioner.generate`, a
+method, so that in Beam's large-model mode (one copy per machine in a server process,
+`--caption-model-copies`) the workers call it through the proxy Beam hands them (a proxy
+exposes methods only, not attributes).
 """
 
 from __future__ import annotations
