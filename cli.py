@@ -37,6 +37,14 @@ def _register_subcommands() -> None:
     register(app)
 
 
+def _said_by_the_cli(record: logging.LogRecord) -> bool:
+    """Drop Beam's ERROR log (with its traceback) of a model that could not be loaded: the run
+    ends with that message in one `error:` line (`_run_cmd`); --verbose keeps it."""
+    from prep.transforms.inference import ModelUnavailable
+
+    return not (record.exc_info and isinstance(record.exc_info[1], ModelUnavailable))
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -54,6 +62,8 @@ def _setup_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         for f in (WorkerLogEntries(), once):  # in this order: once sees the worker's message alone
             handler.addFilter(f)
+        if not verbose:
+            handler.addFilter(_said_by_the_cli)
     if not verbose:
         for noisy in ("apache_beam", "absl"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -138,6 +148,7 @@ def _run_cmd(
     log.info("config: %s", json.dumps(config.to_json(), sort_keys=True))
     log.info("beam options: %s", ctx.args)
     from prep.pipeline.interrupts import Interrupted, interruptible
+    from prep.transforms.inference import ModelUnavailable
 
     try:
         with interruptible(), RunConsole(interval=PROGRESS_INTERVAL, enabled=local and not no_progress,
@@ -145,6 +156,9 @@ def _run_cmd(
             manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
     except Interrupted:  # Ctrl-C / SIGTERM: one line (said already); main() exits 130 / 143, OUT resumable
         raise
+    except ModelUnavailable as exc:  # a model the preflight found could not be loaded (a corrupt file, say)
+        typer.echo(f"error: {exc}\nfix it and rerun the same command to resume", err=True)
+        raise typer.Exit(1) from None
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -126,6 +126,25 @@ def hf_cache_text() -> str:
 # --- caption: transforms/caption.py (AutoProcessor / AutoModelForImageTextToText.from_pretrained)
 
 CAPTION_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CAPTION_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+CAPTION_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                           "spiece.model", "sentencepiece.bpe.model")
+
+
+def missing_caption_files(folder: str) -> list[str]:
+    """What a local caption model folder lacks of what save_pretrained writes (model and
+    processor): its config, weights, the processor's config and the tokenizer's files."""
+    names = set(os.listdir(folder))
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not any(name.endswith(CAPTION_WEIGHT_SUFFIXES) for name in names):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not names & set(CAPTION_PROCESSOR_FILES):
+        missing.append("the processor (processor_config.json or preprocessor_config.json)")
+    if not names & set(CAPTION_TOKENIZER_FILES):
+        missing.append("the tokenizer (tokenizer.json, tokenizer_config.json, vocab or sentencepiece files)")
+    return missing
 
 
 def locate_caption_model(model: str) -> ModelLocation:
@@ -136,11 +155,16 @@ def locate_caption_model(model: str) -> ModelLocation:
     local = os.path.expanduser(model)
     if os.path.isdir(local) or model.startswith((".", "/", "~")):
         where.looked_in = [f"the directory {local}"]
-        if not os.path.isfile(os.path.join(local, "config.json")):
+        missing = missing_caption_files(local) if os.path.isdir(local) else ["config.json"]
+        if "config.json" in missing:
             where.problem = f"{local} is not a directory holding a model saved with save_pretrained (no config.json)"
-            where.fixes = ["--caption-model DIR: a folder written by save_pretrained (config.json, weights, processor files)"]
+        elif missing:
+            where.problem = f"the caption model folder {local} lacks {'; '.join(missing)}"
         else:
             where.path = os.path.abspath(local)
+        if missing:
+            where.fixes = ["--caption-model DIR: a folder written by the model's and the processor's save_pretrained "
+                           "(config.json, weights, processor and tokenizer files)"]
         return where
     where.looked_in = [hf_cache_text()]
     snapshot = hf_cached_snapshot(model)

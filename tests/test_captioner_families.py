@@ -143,3 +143,51 @@ def test_prep_run_with_each_family_validates(demo_models, demo, tiny_cache, tmp_
     assert len(captions) == manifest["counts"]["specific"] > 0  # (the dropped ones are in the reconciled dead letters)
     for text in captions:
         assert text and not TEMPLATE_TEXT.search(text), (family, text)
+
+
+@pytest.mark.parametrize("remove, named", [
+    (("model.safetensors",), "weights (*.safetensors or *.bin)"),
+    (("processor_config.json",), "the processor (processor_config.json or preprocessor_config.json)"),
+    (("tokenizer.json", "tokenizer_config.json"), "the tokenizer"),
+])
+def test_a_caption_model_folder_missing_files_is_refused_by_the_preflight(demo_models, demo, tiny_cache, tmp_path,
+                                                                           remove, named):
+    """Not a crash mid-run: exit 2 before anything starts, naming what the folder lacks; OUT untouched."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_models["qwen2_vl"], folder)
+    for name in remove:
+        (folder / name).unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--input", f"celeba:{demo['celeba_dir']}", "--preset", "tiny",
+                                      "--model-cache", tiny_cache, "--caption-model", str(folder), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"the caption model folder {folder} lacks {named}" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_caption_model_that_fails_to_load_mid_run_ends_in_one_error_line(demo_models, demo, tiny_cache, tmp_path):
+    """Files the preflight cannot judge (truncated weights): the run stops with one `error:` line
+    naming the model and the cause, no Beam log or traceback, exit 1, and how to go on."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_models["qwen2_vl"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, "-m", "prep.cli", "run", "--input", f"celeba:{demo['celeba_dir']}",
+                           "--preset", "tiny", "--model-cache", tiny_cache, "--caption-model", str(folder),
+                           "--out", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(folder) in errors[0] and "SafetensorError" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "fix it and rerun the same command to resume"

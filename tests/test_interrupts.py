@@ -87,7 +87,9 @@ def reference(bigger_demo, tiny_cache, tmp_path_factory):
 
 @pytest.mark.parametrize("mode, signum, extra", [
     ("single job", signal.SIGINT, ()),
-    ("chunked, 2 workers", signal.SIGTERM, ("--chunk-inputs", "60", "--workers", "2")),
+    ("single job, 2 workers", signal.SIGINT, ("--workers", "2")),
+    ("chunked, 2 workers", signal.SIGINT, ("--chunk-inputs", "60", "--workers", "2")),
+    ("chunked, 2 workers, SIGTERM", signal.SIGTERM, ("--chunk-inputs", "60", "--workers", "2")),
 ])
 def test_a_signal_stops_the_run_in_one_line_and_the_rerun_resumes(bigger_demo, tiny_cache, tmp_path, reference,
                                                                  mode, signum, extra):

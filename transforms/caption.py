@@ -256,7 +256,7 @@ class CaptionHandler(StageHandler):
                 try:
                     self._processor_cache = AutoProcessor.from_pretrained(
                         self.model_id, trust_remote_code=self.trust_remote_code)
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - missing or corrupt files alike: the model is unavailable
                     raise _hf_unavailable(self.model_id, exc) from exc
                 tokenizer = getattr(self._processor_cache, "tokenizer", None)
                 if tokenizer is not None:  # batched generation: decoder-only families pad on the left
@@ -299,7 +299,7 @@ class CaptionHandler(StageHandler):
             model = AutoModelForImageTextToText.from_pretrained(
                 self.model_id, dtype=torch_dtype, trust_remote_code=self.trust_remote_code
             )
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. a truncated safetensors file (SafetensorError)
             raise _hf_unavailable(self.model_id, exc) from exc
         model.to(device).eval()
         return LoadedCaptioner(processor, model, device, torch_dtype)
