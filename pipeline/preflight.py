@@ -138,15 +138,17 @@ def caption_family_checked(where: ModelLocation) -> ModelLocation:
         supported,
     )
 
-    if where.path and where.problem is None:
-        model_type = read_model_type(where.path)
+    local = os.path.expanduser(where.model)
+    folder = where.path or (local if os.path.isfile(os.path.join(local, "config.json")) else None)
+    if folder:  # (a local folder lacking files still says its family: that comes first)
+        model_type = read_model_type(folder)
         try:
             family = family_of(model_type)
         except UnsupportedCaptioner:
-            where.problem = f"caption model type {model_type!r} ({where.path}) is not one prep runs"
+            where.problem = f"caption model type {model_type!r} ({folder}) is not one prep runs"
             where.fixes = [f"a model of a supported family: {supported()}"]
             return where
-        if family.chat and os.path.isdir(where.path) and not has_chat_template(where.path):
+        if where.problem is None and family.chat and os.path.isdir(folder) and not has_chat_template(folder):
             where.problem = (f"caption model {where.path} is a {family.name} chat model without a chat template: "
                              "the instruction cannot be placed")
             where.fixes = ["save its processor with the chat template (processor.save_pretrained keeps "

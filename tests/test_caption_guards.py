@@ -88,13 +88,18 @@ def canned_captions(monkeypatch):
     """The captioner's decoded text replaced, in turn, by a refusal, a repetition loop and a
     caption with a preamble (the stage's own guards then judge them): a stub of the failures
     instruction VLMs produce, through the whole pipeline."""
+    can(monkeypatch, ["I'm sorry, I can't describe people in images.", "a man a man a man a man",
+                      "The image shows a smiling woman."])
+
+
+def can(monkeypatch, canned: list[str]) -> None:
+    """Every caption the stage decodes is the next of `canned`, in turn."""
     import itertools
     import threading
 
     from prep.transforms.caption import CaptionHandler
 
-    texts = itertools.cycle(["I'm sorry, I can't describe people in images.", "a man a man a man a man",
-                             "The image shows a smiling woman."])
+    texts = itertools.cycle(canned)
     lock = threading.Lock()
     real = CaptionHandler.processor
 
@@ -168,3 +173,28 @@ def test_a_chat_model_without_a_chat_template_is_refused_in_the_preflight(tmp_pa
                                       "--no-progress"])
     assert result.exit_code == 2, result.output
     assert "Qwen2-VL chat model without a chat template" in result.output and not out.exists()
+
+
+def test_empty_and_echoed_captions_through_a_chat_model(monkeypatch, demo, tiny_cache, tmp_path):
+    """The two guards a chat model's answer meets beyond the three above, through the pipeline
+    with a chat family (the echo check needs its instruction): an empty answer is dropped even
+    under keep (nothing to write), an echo of the instruction is kept with its flag."""
+    from conftest import demo_config
+    from prep.models.demo_models import build_demo_models
+    from prep.pipeline.run import run
+    from prep.schemas.validate import validate_output
+    from prep.transforms.captioners import DEFAULT_INSTRUCTION
+
+    folder = build_demo_models(str(tmp_path / "models"), ["qwen2_vl"])["qwen2_vl"]
+    can(monkeypatch, ["", f"{DEFAULT_INSTRUCTION} A dog.", "a photo of a person"])
+    out = tmp_path / "out"
+    manifest = run(demo_config(demo, str(out), tiny_cache, caption_model=folder, caption_on_bad="keep"), [])
+    assert manifest["reconciled"] and validate_output(str(out)).ok
+    third = 24 // 3
+    assert manifest["dead_letter_reasons"]["caption: captioner produced an empty caption"] == third
+    assert manifest["caption_flags"] == {"echo": third}
+    samples = []
+    for tar in sorted(out.glob("**/specific/*.tar")):
+        with open(tar, "rb") as f:
+            samples += [json.loads(s["json"]) for s in contract.iter_samples(f)]
+    assert sorted(tuple(s.get("caption_flags", ())) for s in samples) == sorted([()] * third + [("echo",)] * third)

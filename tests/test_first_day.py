@@ -131,3 +131,15 @@ def test_a_narrow_float_range_is_labelled_as_short_offsets():
     assert "L2 norm − 1" in svg
     wide = make_bins([0.1, 0.5, 0.9], integer=False)  # an ordinary range stays plain
     assert wide.base() is None and wide.fmt(0.5) == "0.5"
+
+
+def test_the_card_names_the_face_identity_model():
+    """A face run's card said ``- identity: `` (weights sha256 ...)`` with an empty name: the
+    identity header carries face_model, not model."""
+    from prep.schemas.card import _models
+    from prep.transforms.identity import IdentityHandler
+
+    header = {**IdentityHandler("face", face_model="dlib").describe(), "fingerprint": {"sha256": "ab" * 32}}
+    lines = _models({"models": {"identity": header, "caption": {"model": "/x/models/blip", "random_weights": True}}})
+    assert "- identity: `dlib` (weights sha256 abababababab...)" in lines
+    assert "- caption: `blip` (random weights)" in lines

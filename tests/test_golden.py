@@ -169,6 +169,8 @@ def test_the_comparison_catches_what_it_must():
     assert not changed(["manifest.json", "shards"], [{"bytes": 12, "sha256": "b"}])
 
 
-def test_run_digest_is_unchanged():
+def test_run_digest_is_unchanged(request):
     """A resume after upgrading prep must still recognise a partial run of the same config."""
+    if request.config.getoption("--golden-write"):  # (the recording just wrote it: a check now could not fail)
+        pytest.skip("recorded (--golden-write): run again without it to check")
     assert _fixed_digest() == json.loads(GOLDEN.read_text())["run_digest"]

@@ -165,3 +165,20 @@ def test_a_planted_violation_fails(tmp_path, plant, expect):
     assert any(expect in v for v in found), found
     if plant == "transforms/caption.py":  # config imports the stages' options; caption back up to config
         assert circles == [] or all("prep.transforms.caption" in c or "prep.pipeline.config" in c for c in circles)
+
+
+def test_a_planted_circle_fails(tmp_path):
+    """The circle check can fail: a copy of the package where transforms/options.py (which the
+    stages import) imports transforms/caption.py back, within its own layer."""
+    import shutil
+
+    copy = tmp_path / "prep"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "tests", "bench", "docs", "shared",
+                                                                "*.egg-info", "__pycache__", "demo", "out"))
+    target = copy / "transforms" / "options.py"
+    target.write_text(target.read_text() + "\n\ndef _planted():\n    from prep.transforms.caption import STAGE\n"
+                      "    return STAGE\n")
+    modules = package_modules(copy)
+    assert violations(modules) == []  # one layer: only the circle check can see it
+    circles = cycles(modules)
+    assert any({"prep.transforms.options", "prep.transforms.caption"} <= set(c) for c in circles), circles
