@@ -1,5 +1,6 @@
 """Minimal reproduction, with no prep code, of why Beam's DaskRunner cannot run prep's graph.
 
+    pip install 'apache-beam[dask]'     # dask and distributed: not among prep's own dependencies
     python -m bench.dask_repro [--elements 40] [--cluster local|none]
 
 prep's pipeline needs four things of a runner that Beam's DaskRunner (apache-beam 2.77,
@@ -192,6 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cluster", choices=["local", "none"], default="local",
                         help="local: scheduler + 2 workers on 127.0.0.1; none: the Client's own LocalCluster")
     args = parser.parse_args(argv)
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        print(f"{exc.name} is not installed: pip install 'apache-beam[dask]'", file=sys.stderr)
+        return 2
     procs: list[subprocess.Popen] = []
     dask_args: list[str] = []
     try:

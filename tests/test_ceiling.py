@@ -21,9 +21,9 @@ def test_ceiling_runs_every_variant_and_reports_consistent_medians(tmp_path):
 
 
 def test_ceiling_runs_a_chat_family_caption_stage(tmp_path):
-    """--caption-family qwen2_vl: the stage runs the chat processor on whole batches, the plain loop
-    per image; every image comes through both (measure() raises otherwise) and the records say
-    which family they measured."""
+    """--caption-family qwen2_vl: the chat processor per image (with the template's text), collated
+    by the stage; every image comes through the stage and the plain loop (measure() raises
+    otherwise) and the records say which family they measured."""
     from bench.ceiling import main
 
     records = main(["--stages", "caption", "--sizes", "celeba", "--images", "16", "--rounds", "1",
