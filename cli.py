@@ -37,20 +37,12 @@ def _register_subcommands() -> None:
     register(app)
 
 
-def _said_by_the_cli(record: logging.LogRecord) -> bool:
-    """Drop Beam's ERROR log (with its traceback) of a model that could not be loaded: the run
-    ends with that message in one `error:` line (`_run_cmd`); --verbose keeps it."""
-    from prep.transforms.inference import ModelUnavailable
-
-    return not (record.exc_info and isinstance(record.exc_info[1], ModelUnavailable))
-
-
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from prep.pipeline.quiet import drop_import_noise
+    from prep.pipeline.quiet import drop_import_noise, drop_model_load_failure_log
 
     drop_import_noise()
     from prep.pipeline.console import (  # imports Beam: after the filter above
@@ -62,9 +54,8 @@ def _setup_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         for f in (WorkerLogEntries(), once):  # in this order: once sees the worker's message alone
             handler.addFilter(f)
-        if not verbose:
-            handler.addFilter(_said_by_the_cli)
     if not verbose:
+        drop_model_load_failure_log()  # the run ends with its message in one `error:` line (_run_cmd)
         for noisy in ("apache_beam", "absl"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -156,8 +147,11 @@ def _run_cmd(
             manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
     except Interrupted:  # Ctrl-C / SIGTERM: one line (said already); main() exits 130 / 143, OUT resumable
         raise
-    except ModelUnavailable as exc:  # a model the preflight found could not be loaded (a corrupt file, say)
-        typer.echo(f"error: {exc}\nfix it and rerun the same command to resume", err=True)
+    except RuntimeError as exc:  # a model the preflight found could not be loaded (a corrupt file, say)
+        said = ModelUnavailable.said_in(exc)
+        if said is None:
+            raise
+        typer.echo(f"error: {said}\nfix it and rerun the same command to resume", err=True)
         raise typer.Exit(1) from None
     except (OutputExists, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

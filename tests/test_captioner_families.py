@@ -171,9 +171,13 @@ def test_a_caption_model_folder_missing_files_is_refused_by_the_preflight(demo_m
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_a_caption_model_that_fails_to_load_mid_run_ends_in_one_error_line(demo_models, demo, tiny_cache, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--workers", "2"), ("--chunk-inputs", "10", "--workers", "2")],
+                         ids=["single job", "single job, 2 workers", "chunked, 2 workers"])
+def test_a_caption_model_that_fails_to_load_mid_run_ends_in_one_error_line(demo_models, demo, tiny_cache, tmp_path,
+                                                                          extra):
     """Files the preflight cannot judge (truncated weights): the run stops with one `error:` line
-    naming the model and the cause, no Beam log or traceback, exit 1, and how to go on."""
+    naming the model and the cause, no Beam log or traceback, exit 1, and how to go on; in one
+    process, from worker processes (Beam's RuntimeError quoting it) and from chunk workers."""
     import shutil
     import subprocess
     import sys
@@ -184,10 +188,10 @@ def test_a_caption_model_that_fails_to_load_mid_run_ends_in_one_error_line(demo_
     weights.write_bytes(weights.read_bytes()[:1000])
     proc = subprocess.run([sys.executable, "-m", "prep.cli", "run", "--input", f"celeba:{demo['celeba_dir']}",
                            "--preset", "tiny", "--model-cache", tiny_cache, "--caption-model", str(folder),
-                           "--out", str(tmp_path / "out"), "--no-progress"],
+                           "--out", str(tmp_path / "out"), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(folder) in errors[0] and "SafetensorError" in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "fix it and rerun the same command to resume"

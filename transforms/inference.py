@@ -82,6 +82,18 @@ class Reject:
 class ModelUnavailable(RuntimeError):
     """A model could not be found or loaded; the message says how to provide it."""
 
+    MARK = "ModelUnavailable: "
+
+    @classmethod
+    def said_in(cls, exc: BaseException) -> Optional[str]:
+        """The message of a ModelUnavailable that ended a run: the exception itself, or, from
+        local worker processes, the last one quoted in the text of Beam's RuntimeError."""
+        if isinstance(exc, cls):
+            return str(exc)
+        text = str(exc)
+        at = text.rfind(cls.MARK)
+        return " ".join(text[at + len(cls.MARK):].split()) if at >= 0 else None
+
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
