@@ -195,3 +195,26 @@ def test_a_caption_model_that_fails_to_load_mid_run_ends_in_one_error_line(demo_
     assert len(errors) == 1 and str(folder) in errors[0] and "SafetensorError" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "fix it and rerun the same command to resume"
+
+
+def test_a_processor_that_rejects_one_image_dead_letters_only_that_sample(demo_models, monkeypatch):
+    """The processor runs per image: one it rejects is that sample's dead letter, with the
+    processor's reason; its batch companions are captioned as they are without it."""
+    handler = CaptionHandler(demo_models["qwen2_vl"], max_new_tokens=8, device="cpu", max_batch_size=4,
+                             on_bad="keep")
+    model = handler.load_model()
+    samples = [_sized_sample(i, size) for i, size in enumerate([(178, 218), (64, 64), (90, 300)])]
+    kind = type(handler.processor())
+    real = kind.__call__
+
+    def picky(self, *args, images=None, **kwargs):
+        if any(image.size == (64, 64) for image in images):
+            raise ValueError("image smaller than the processor's minimum")
+        return real(self, *args, images=images, **kwargs)
+
+    monkeypatch.setattr(kind, "__call__", picky)
+    results = [r.inference for r in handler.run_inference(samples, model)]
+    assert isinstance(results[1], Reject) and "smaller than the processor's minimum" in results[1].reason
+    assert not any(isinstance(r, Reject) for r in (results[0], results[2]))
+    alone = [r.inference for r in handler.run_inference([samples[0], samples[2]], model)]
+    assert [results[0], results[2]] == alone
