@@ -147,15 +147,15 @@ def _run_cmd(
             manifest = run(config, ctx.args, retry_dead_letter=retry_dead_letter, checked=checked)
     except Interrupted:  # Ctrl-C / SIGTERM: one line (said already); main() exits 130 / 143, OUT resumable
         raise
+    except (OutputExists, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except RuntimeError as exc:  # a model the preflight found could not be loaded (a corrupt file, say)
         said = ModelUnavailable.said_in(exc)
         if said is None:
             raise
         typer.echo(f"error: {said}\nfix it and rerun the same command to resume", err=True)
         raise typer.Exit(1) from None
-    except (OutputExists, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     if manifest is not None:
         typer.echo(format_summary(manifest, config.out))
         if not manifest.get("reconciled"):
