@@ -4,6 +4,7 @@ paths and gs:// alike), so a killed process never leaves half a file under a fin
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -21,3 +22,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
     fault_point("write.before_rename")
     FileSystems.rename([tmp], [path])  # os.rename locally (atomic replace); copy+delete on GCS
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """`data` as prep writes its JSON files (manifest, run state, plans, probe meta): indent 1,
+    keys sorted, a final newline; atomically. One form, so a rewrite of the manifest (--reuse,
+    prep weights) is byte for byte what the run would write."""
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))

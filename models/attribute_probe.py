@@ -76,7 +76,7 @@ class AttributeProbe:
         """PROBE/probe.safetensors and PROBE/probe.json, each written atomically (local or gs://)."""
         from safetensors.numpy import save
 
-        from prep.atomic import write_atomic
+        from prep.atomic import write_atomic, write_json
 
         tensors = {"weights": self.weights, "bias": self.bias, "scale": self.scale, "shift": self.shift,
                    "thresholds": self.thresholds}
@@ -84,7 +84,7 @@ class AttributeProbe:
         write_atomic(_join(path, WEIGHTS_FILE), save(arrays))
         meta = {"format": PROBE_FORMAT, "names": self.names, "dim": self.dim, "embed_model": self.embed_model,
                 "report": self.report}
-        write_atomic(_join(path, META_FILE), (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        write_json(_join(path, META_FILE), meta)
         return path
 
     @classmethod

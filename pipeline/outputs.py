@@ -18,7 +18,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from prep.atomic import write_atomic
+from prep.atomic import write_atomic, write_json
 from prep.schemas.card import write_dataset_card
 from prep.schemas import contract
 from prep.schemas.contract import WIDS_INDEX
@@ -194,7 +194,7 @@ def write_run_outputs(out: str, manifest: dict, shards: list[ShardInfo]) -> None
     stale = f"{out}/{contract.DEAD_LETTER_FILE}"
     if manifest["counts"]["dead_lettered"] == 0 and FileSystems.exists(stale):
         FileSystems.delete([stale])  # a retry that left no dead letters
-    write_atomic(f"{out}/{contract.MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+    write_json(f"{out}/{contract.MANIFEST}", manifest)
 
 
 class WriteManifest(beam.PTransform):

@@ -21,7 +21,7 @@ from typing import Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from prep.atomic import write_atomic
+from prep.atomic import write_json
 from prep.transforms.identity import candidate_from_shard
 from prep.transforms.pair import Written
 from prep.pipeline.config import RunConfig  # noqa: F401 - run_digest's argument
@@ -126,7 +126,7 @@ def read_run_state(out: str) -> Optional[dict]:
 
 def write_run_state(out: str, digest: str, config_json: dict) -> None:
     data = {"schema_version": contract.SCHEMA_VERSION, "digest": digest, "config": config_json}
-    write_atomic(f"{out.rstrip('/')}/{RUN_STATE}", json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+    write_json(f"{out.rstrip('/')}/{RUN_STATE}", data)
 
 
 _read = output.read_bytes
@@ -214,7 +214,7 @@ def _retry_plan(out: str, shard_keys: set[str]) -> tuple[frozenset[str], list[De
     kept = [d for d in letters if d.kind.key_is_taken or d.key in shard_keys]
     only = frozenset(d.key for d in letters if d not in kept) - shard_keys
     data = {"only_keys": sorted(only), "kept_letters": [d.to_json() for d in kept]}
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+    write_json(path, data)
     return only, kept
 
 

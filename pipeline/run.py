@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from prep.atomic import write_atomic
+from prep.atomic import write_json
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
 from prep.pipeline.build import build_pipeline, plan_run
@@ -305,7 +305,7 @@ def _run_in_place(config: RunConfig, beam_args, *, wait: bool, checked) -> Optio
             data["config"]["out"] = config.out
             if name == contract.MANIFEST and "reused_from" in data:
                 data["reused_from"]["in_place"] = True
-            write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+            write_json(path, data)
     notice(f"{out}: replaced by the new output (reused from itself)")
     fixed = {**manifest, "config": {**manifest["config"], "out": config.out}}
     if "reused_from" in fixed:
@@ -328,8 +328,7 @@ def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
     manifest = {**manifest, "reused_from": {"out": reuse.prev, "manifest_sha256": reuse.manifest_sha256,
                                             "stages": stages, "notes": list(reuse.notes),
                                             "unreadable": counters.get("reuse.prev_unreadable", 0)}}
-    write_atomic(f"{out.rstrip('/')}/{contract.MANIFEST}",
-                 (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(f"{out.rstrip('/')}/{contract.MANIFEST}", manifest)
     return manifest
 
 

@@ -64,7 +64,7 @@ def write_weights(out_dir: str, balance: Sequence[str], *, max_weight: float = M
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prep.atomic import write_atomic
+    from prep.atomic import write_atomic, write_json
 
     manifest = output.read_manifest(out_dir)
     if manifest is None:
@@ -96,6 +96,7 @@ def write_weights(out_dir: str, balance: Sequence[str], *, max_weight: float = M
         write_atomic(output.join(out_dir, *shard.folder.split("/"), name), buffer.getvalue())
         files.append(f"{shard.folder}/{name}")
     sizes = Counter(groups)
+    group_weight = dict(zip(groups, weights))  # (a group's samples all weigh the same)
     total = sum(weights)
 
     def share(name: str, weighted: bool) -> Optional[float]:
@@ -107,14 +108,12 @@ def write_weights(out_dir: str, balance: Sequence[str], *, max_weight: float = M
 
     record = {
         "balance": list(balance), "split": split, "max_weight": max_weight, "samples": len(samples),
-        "groups": {g: {"samples": n, "weight": next(w for w, gg in zip(weights, groups) if gg == g)}
-                   for g, n in sorted(sizes.items())},
+        "groups": {g: {"samples": n, "weight": group_weight[g]} for g, n in sorted(sizes.items())},
         "share": {name: {"before": share(name, False), "after": share(name, True)} for name in balance},
         "mean_weight": round(total / len(weights), 6), "files": files,
     }
     manifest["weights"] = record
-    write_atomic(output.join(out_dir, contract.MANIFEST),
-                 (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(output.join(out_dir, contract.MANIFEST), manifest)
     return record
 
 
