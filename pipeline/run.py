@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from prep.atomic import write_json
 from prep.pipeline import chunks
 from prep.pipeline.beam_options import recorded as recorded_beam_options
-from prep.pipeline.build import build_pipeline, plan_run
+from prep.pipeline.build import build_pipeline, plan_run, reuse_plan
 from prep.pipeline.config import RunConfig
 from prep.pipeline.console import (
     format_stage_table,
@@ -319,9 +319,9 @@ def record_reuse(out: str, plan, manifest: dict, counters: dict) -> dict:
     if not plan.config.reuse:
         return manifest
     from prep.pipeline.console import computed_samples
-    from prep.pipeline.reuse import REUSED_STAGES, plan_reuse
+    from prep.pipeline.reuse import REUSED_STAGES
 
-    reuse = plan.reuse or plan_reuse(plan.config.reuse, plan.stage_fingerprints())
+    reuse = reuse_plan(plan)  # planned by the pipeline, or here for a chunked run's launcher
     stages = {}
     for stage in REUSED_STAGES:
         stages[stage] = {"reused": counters.get(f"reuse.{stage}_reused", 0), "computed": computed_samples(counters, stage)}
